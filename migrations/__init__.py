@@ -1,0 +1,1 @@
+"""Alembic migrations for the whole keybroker schema (one history). Run with `keybroker migrate`."""

@@ -1,0 +1,51 @@
+"""Sealed keys: a key encrypted under a key-encryption key with AES-256-GCM.
+
+Used for a service-managed root key under the master key, and for a resource key under its
+service-managed root key. Format, version 1 (60 bytes for a 32-byte key):
+
+    0x01 || nonce (12 random bytes) || AES-256-GCM(kek, nonce, key, aad) (len(key) + 16 bytes)
+    aad = associated_data.encode(b"keybroker/sealed-key/v1", label, *context)
+
+`label` says what kind of key is sealed (b"root-key", b"resource-key") and `context` binds it to
+where it belongs (resource name, purpose, version), so a sealed key copied to another row fails
+to open. A random 96-bit nonce is safe here: a key-encryption key seals at most millions of keys.
+"""
+
+from __future__ import annotations
+
+import os
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from broker import associated_data
+
+FORMAT_V1 = 0x01
+NONCE_SIZE = 12
+TAG_SIZE = 16
+_DOMAIN = b"keybroker/sealed-key/v1"
+
+
+class UnsealError(Exception):
+    """A sealed key did not authenticate (wrong key, wrong context, or damaged). No details."""
+
+
+def _aad(label: bytes, context: tuple[bytes, ...]) -> bytes:
+    return associated_data.encode(_DOMAIN, label, *context)
+
+
+def seal(kek: AESGCM, key: bytes, label: bytes, context: tuple[bytes, ...]) -> bytes:
+    """Seals `key` under `kek`, bound to `label` and `context`."""
+    nonce = os.urandom(NONCE_SIZE)
+    return bytes([FORMAT_V1]) + nonce + kek.encrypt(nonce, key, _aad(label, context))
+
+
+def unseal(kek: AESGCM, sealed: bytes, label: bytes, context: tuple[bytes, ...]) -> bytes:
+    """Opens a sealed key; raises UnsealError on any mismatch."""
+    if len(sealed) < 1 + NONCE_SIZE + TAG_SIZE or sealed[0] != FORMAT_V1:
+        raise UnsealError
+    nonce = sealed[1 : 1 + NONCE_SIZE]
+    try:
+        return kek.decrypt(nonce, sealed[1 + NONCE_SIZE :], _aad(label, context))
+    except InvalidTag:
+        raise UnsealError from None
