@@ -89,7 +89,7 @@ class AuditLog:
         await session.execute(insert(AuditRow), [event.row(self.writer, datetime.now(UTC))])
 
     async def record(self, event: AuditEvent) -> None:
-        """Queues the record and returns once it is committed; raises Unavailable if it cannot be."""
+        """Queues the record and returns once it is committed (Unavailable if it cannot be)."""
         if self._closing:
             raise Unavailable("SHUTTING_DOWN", "the broker is shutting down")
         while len(self._pending) >= self._max_pending:

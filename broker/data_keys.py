@@ -7,9 +7,9 @@ Format, version 1 (65 bytes):
     aad = associated_data.encode(b"keybroker/data-key/v1", object name, purpose,
                                  version (uint32 big-endian), caller associated_data)
 
-`version` names the resource-key version of (resource, purpose) that wrapped it; resource and purpose
-follow from the object name the caller gives, which is bound through the aad, so a wrapped key
-presented under any other name, purpose, version or caller context fails to open. AES-GCM-SIV
+`version` names the resource-key version of (resource, purpose) that wrapped it; resource and
+purpose follow from the object name the caller gives, which is bound through the aad, so a wrapped
+key presented under any other name, purpose, version or caller context fails to open. AES-GCM-SIV
 (RFC 8452) keeps confidentiality and authenticity if a random nonce ever repeats.
 
 Parsing is split from opening: `parse` rejects what is structurally not a version-1 key (precise

@@ -1,9 +1,9 @@
 """A TTL- and size-bounded in-memory cache with one load in flight per key.
 
-Holds unwrapped resource keys (as AEAD objects) in broker memory only. However many callers miss on
-the same key at once, one loader runs and they all await its result. A failed load that `remember_failure` accepts is
-remembered for `failure_ttl` (so a revoked or unreachable root key is not hammered) and re-raised
-to callers; other failures (say, an unknown resource) are not remembered.
+Holds unwrapped resource keys (as AEAD objects) in broker memory only. However many callers miss
+on the same key at once, one loader runs and they all await its result. A failed load that
+`remember_failure` accepts is remembered for `failure_ttl` (so a revoked or unreachable root key
+is not hammered) and re-raised to callers; other failures (an unknown resource, say) are not.
 
 Caches are per process: a change made through another replica reaches this one within `ttl`.
 """

@@ -6,10 +6,10 @@
     resources/{resource}/models/{model}
     resources/{resource}/analyzeResults/{analyze_result}
 
-{resource} is 1-63 characters of lower-case letters, digits and hyphens, starting with a letter and
-not ending with a hyphen (RFC 1034). Object ids are 1-64 characters of letters, digits and
-`._~-`, starting with a letter or digit. Purpose is `models` or `results`; an object's purpose follows
-from its collection and a caller cannot choose it.
+{resource} is 1-63 characters of lower-case letters, digits and hyphens, starting with a letter
+and not ending with a hyphen (RFC 1034). Object ids are 1-64 characters of letters, digits and
+`._~-`, starting with a letter or digit. Purpose is `models` or `results`; an object's purpose
+follows from its collection and a caller cannot choose it.
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ _OBJECT_ID = r"[A-Za-z0-9][A-Za-z0-9._~-]{0,63}"
 RESOURCE_ID_RE = re.compile(_RESOURCE_ID)
 _RESOURCE_RE = re.compile(rf"resources/({_RESOURCE_ID})")
 _KEY_RE = re.compile(rf"resources/({_RESOURCE_ID})/resourceKeys/(models|results)")
-_VERSION_RE = re.compile(rf"resources/({_RESOURCE_ID})/resourceKeys/(models|results)/versions/([1-9][0-9]{{0,8}})")
+_VERSION_RE = re.compile(
+    rf"resources/({_RESOURCE_ID})/resourceKeys/(models|results)/versions/([1-9][0-9]{{0,8}})"
+)
 _OBJECT_RE = re.compile(rf"resources/({_RESOURCE_ID})/(models|analyzeResults)/({_OBJECT_ID})")
 
 
@@ -66,7 +68,9 @@ def _check(field: str, value: str) -> None:
     if not value:
         raise InvalidArgument("MISSING_FIELD", f"{field} is required")
     if len(value) > MAX_NAME_LENGTH:
-        raise InvalidArgument("FIELD_TOO_LONG", f"{field} is longer than {MAX_NAME_LENGTH} characters")
+        raise InvalidArgument(
+            "FIELD_TOO_LONG", f"{field} is longer than {MAX_NAME_LENGTH} characters"
+        )
 
 
 def _malformed(field: str, expected: str) -> InvalidArgument:

@@ -98,7 +98,7 @@ class KeyRingRow(Base):
 
 
 class KeyVersionRow(Base):
-    """One resource-key version, wrapped by the root named in `root_key_id` (NULL once destroyed)."""
+    """One resource-key version, wrapped by the root `root_key_id` (key NULL once destroyed)."""
 
     __tablename__ = "key_versions"
     __table_args__ = (

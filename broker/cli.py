@@ -1,0 +1,281 @@
+"""The `keybroker` command.
+
+Servers: `up` (everything on the embedded default, migrating its SQLite itself), `broker` (the
+key plane alone), `migrate`. Admin commands (`resources`, `keys`, `status`) are gRPC clients of a
+running broker; `master-key rotate` works offline on the data directory and database.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import resource
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any, cast
+
+import anyio
+import grpc
+from google.protobuf import json_format
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.message import Message
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from broker import settings as settings_module
+from broker.api import key_broker_pb2 as pb
+from broker.api import key_broker_pb2_grpc as pb_grpc
+from broker.audit import AuditEvent, AuditLog
+from broker.db import schema
+from broker.db.engine import create_engine, session_factory
+from broker.errors import ConfigurationError
+from broker.master_keyring import rotate_master_key
+from broker.server import serve
+from broker.settings import Settings
+
+log = logging.getLogger("keybroker")
+
+_SETTING_FLAGS = ("data_dir", "listen", "database_url", "log_level")
+
+
+def _add_setting_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", dest="data_dir", help="data directory (default ./.keybroker)")
+    p.add_argument("--listen", help="HOST:PORT to serve on (default 127.0.0.1:50051)")
+    p.add_argument(
+        "--database-url",
+        dest="database_url",
+        help="sqlite+aiosqlite:///PATH or postgresql+asyncpg://... "
+        "(default: SQLite in the data directory)",
+    )
+    p.add_argument("--log-level", dest="log_level", help="DEBUG, INFO, WARNING, ... (default INFO)")
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return settings_module.load({k: getattr(args, k, None) for k in _SETTING_FLAGS}, os.environ)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="keybroker", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    for name, help_text in (
+        ("up", "run everything on the embedded default (SQLite, key file) in one process"),
+        ("broker", "run the KeyBroker server (the database must be migrated)"),
+        ("migrate", "upgrade the database schema to this version"),
+    ):
+        _add_setting_flags(sub.add_parser(name, help=help_text))
+
+    mk = sub.add_parser("master-key", help="master key administration (offline)")
+    mk_sub = mk.add_subparsers(dest="action", required=True)
+    _add_setting_flags(
+        mk_sub.add_parser("rotate", help="re-seal every root key under a new master key")
+    )
+
+    address_help = "broker address (default 127.0.0.1:50051 or $KEYBROKER_ADDRESS)"
+    default_address = os.environ.get("KEYBROKER_ADDRESS", "127.0.0.1:50051")
+
+    def leaf(group: Any, name: str, help_text: str) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = group.add_parser(name, help=help_text)
+        p.add_argument("--address", default=default_address, help=address_help)
+        return p
+
+    res = sub.add_parser("resources", help="manage resources (a gRPC client)")
+    res_sub = res.add_subparsers(dest="action", required=True)
+    p = leaf(res_sub, "create", "create a resource")
+    p.add_argument("resource_id")
+    p.add_argument(
+        "--import-create-time", help="admin import: the original creation time (ISO 8601)"
+    )
+    leaf(res_sub, "get", "show a resource").add_argument("name", help="resources/{resource}")
+    leaf(res_sub, "list", "list resources").add_argument("--page-size", type=int, default=0)
+    p = leaf(res_sub, "delete", "schedule a resource's destruction")
+    p.add_argument("name", help="resources/{resource}")
+    p.add_argument("--pending-window", help="e.g. 7d, 0s (default: the broker's)")
+    p = leaf(res_sub, "undelete", "cancel a scheduled destruction")
+    p.add_argument("name", help="resources/{resource}")
+
+    keys = sub.add_parser("keys", help="manage resource keys (a gRPC client)")
+    keys_sub = keys.add_subparsers(dest="action", required=True)
+    key_help = "resources/{r}/resourceKeys/{models|results}"
+    leaf(keys_sub, "rotate", "start a new resource-key version").add_argument("name", help=key_help)
+    leaf(keys_sub, "versions", "list versions").add_argument("parent", help=key_help)
+    p = leaf(keys_sub, "destroy", "schedule a version's destruction")
+    p.add_argument("name", help=key_help + "/versions/{n}")
+    p.add_argument("--pending-window", help="e.g. 7d, 0s (default: the broker's)")
+    p = leaf(keys_sub, "restore", "cancel a scheduled version destruction")
+    p.add_argument("name", help=key_help + "/versions/{n}")
+
+    p = leaf(sub, "status", "the broker's health and key ids (a gRPC client)")
+    p.add_argument("name", nargs="?", default="", help="optional resources/{resource}")
+    return parser
+
+
+def _duration(text: str | None) -> dict[str, Duration]:
+    if text is None:
+        return {}
+    d = Duration()
+    d.FromTimedelta(settings_module.parse_duration(text))
+    return {"pending_window": d}
+
+
+def _print(message: Message) -> None:
+    print(json_format.MessageToJson(message, preserving_proto_field_name=True, indent=2))
+
+
+def _client_request(args: argparse.Namespace) -> tuple[str, Message]:
+    """The RPC name and request for an admin command."""
+    match args.command, getattr(args, "action", None):
+        case "resources", "create" if args.import_create_time:
+            created = datetime.fromisoformat(args.import_create_time)
+            if created.tzinfo is None:
+                created = created.replace(tzinfo=UTC)
+            request = pb.ImportResourceRequest(resource_id=args.resource_id)
+            request.create_time.FromDatetime(created)
+            return "ImportResource", request
+        case "resources", "create":
+            return "CreateResource", pb.CreateResourceRequest(resource_id=args.resource_id)
+        case "resources", "get":
+            return "GetResource", pb.GetResourceRequest(name=args.name)
+        case "resources", "delete":
+            window = _duration(args.pending_window)
+            return "DeleteResource", pb.DeleteResourceRequest(name=args.name, **window)
+        case "resources", "undelete":
+            return "UndeleteResource", pb.UndeleteResourceRequest(name=args.name)
+        case "keys", "rotate":
+            return "RotateResourceKey", pb.RotateResourceKeyRequest(name=args.name)
+        case "keys", "versions":
+            request_v = pb.ListResourceKeyVersionsRequest(parent=args.parent, page_size=1000)
+            return "ListResourceKeyVersions", request_v
+        case "keys", "destroy":
+            window = _duration(args.pending_window)
+            request_d = pb.DestroyResourceKeyVersionRequest(name=args.name, **window)
+            return "DestroyResourceKeyVersion", request_d
+        case "keys", "restore":
+            return "RestoreResourceKeyVersion", pb.RestoreResourceKeyVersionRequest(name=args.name)
+        case "status", _:
+            return "GetStatus", pb.GetStatusRequest(name=args.name)
+    raise AssertionError(args)
+
+
+async def _run_client(args: argparse.Namespace) -> int:
+    async with grpc.aio.insecure_channel(args.address) as channel:
+        stub = pb_grpc.KeyBrokerStub(channel)
+        if (args.command, getattr(args, "action", None)) == ("resources", "list"):
+            return await _list_all(stub, args.page_size)
+        method, request = _client_request(args)
+        _print(await getattr(stub, method)(request))
+        return 0
+
+
+async def _list_all(stub: pb_grpc.KeyBrokerAsyncStub, page_size: int) -> int:
+    token = ""
+    while True:
+        page = await stub.ListResources(
+            pb.ListResourcesRequest(page_size=page_size, page_token=token)
+        )
+        for r in page.resources:
+            print(f"{r.name}\t{pb.Resource.State.Name(r.state)}\t{r.create_time.ToJsonString()}")
+        token = page.next_page_token
+        if not token:
+            return 0
+
+
+async def _serve_until_signal(settings: Settings, *, migrate: bool) -> int:
+    stop = anyio.Event()
+    async with anyio.create_task_group() as tg:
+
+        async def watch_signals() -> None:
+            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for signum in signals:
+                    log.info("received %s", signal.Signals(signum).name)
+                    stop.set()
+                    return
+
+        tg.start_soon(watch_signals)
+        await serve(settings, stop, migrate=migrate)
+        tg.cancel_scope.cancel()
+    return 0
+
+
+async def _migrate(settings: Settings) -> int:
+    settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    engine = create_engine(settings.database)
+    try:
+        before = await schema.current_revision(engine)
+        await schema.upgrade(engine)
+        print(f"database schema: {before or 'empty'} -> {schema.head_revision()}")
+    finally:
+        await engine.dispose()
+    return 0
+
+
+async def _rotate_master(settings: Settings) -> int:
+    engine = create_engine(settings.database)
+    try:
+        await schema.require_current(engine)
+        sessions = session_factory(engine)
+        audit = AuditLog(engine)
+        user = os.environ.get("USER", "unknown")
+        old, new, count = await rotate_master_key(
+            settings,
+            sessions,
+            audit,
+            lambda: AuditEvent("RotateMasterKey", f"local:{user}", os.urandom(8).hex()),
+        )
+        print(f"master key rotated: {old} -> {new}; {count} root keys re-sealed")
+    finally:
+        await engine.dispose()
+    return 0
+
+
+def _disable_core_dumps() -> None:
+    # A core dump of a broker would hold plaintext keys.
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command in ("resources", "keys", "status"):
+            return anyio.run(_run_client, args, backend="asyncio")
+        settings = _settings(args)
+        logging.basicConfig(
+            level=settings.log_level.upper(),
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
+        _disable_core_dumps()
+        os.umask(0o077)  # the database and key files are for this user alone
+        runners: dict[str, Callable[[], Awaitable[int]]] = {
+            "up": lambda: _serve_until_signal(
+                settings, migrate=settings.database.startswith("sqlite")
+            ),
+            "broker": lambda: _serve_until_signal(settings, migrate=False),
+            "migrate": lambda: _migrate(settings),
+            "master-key": lambda: _rotate_master(settings),
+        }
+        return anyio.run(runners[args.command], backend="asyncio")
+    except ConfigurationError as exc:
+        print(f"keybroker: {exc}", file=sys.stderr)
+        return 2
+    except grpc.aio.AioRpcError as exc:
+        detail = _error_reason(exc)
+        print(f"keybroker: {exc.code().name}: {exc.details()}{detail}", file=sys.stderr)
+        return 1
+
+
+def _error_reason(exc: grpc.aio.AioRpcError) -> str:
+    status: Any = rpc_status.from_call(cast(grpc.Call, exc))  # AioRpcError has the same methods
+    if status is None:
+        return ""
+    for detail in status.details:
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info):
+            return f" (reason {info.reason})"
+    return ""
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,28 @@
+"""Who is calling: the caller's identity, the end caller it acts for, and the request id.
+
+Until mutual TLS lands the caller is the transport peer (loopback address and port); the end
+caller comes from the `keybroker-on-behalf-of` metadata a worker sets, and is recorded, not trusted.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import grpc
+
+ON_BEHALF_OF_KEY = "keybroker-on-behalf-of"
+REQUEST_ID_KEY = "x-request-id"
+_MAX_LENGTH = 200
+
+
+def call_identity(context: grpc.aio.ServicerContext[Any, Any]) -> tuple[str, str | None, str]:
+    """(caller, on_behalf_of, request_id) of the current call."""
+    on_behalf_of = None
+    request_id = None
+    for key, value in context.invocation_metadata() or ():
+        if key == ON_BEHALF_OF_KEY and isinstance(value, str):
+            on_behalf_of = value[:_MAX_LENGTH]
+        elif key == REQUEST_ID_KEY and isinstance(value, str):
+            request_id = value[:64]
+    return context.peer()[:_MAX_LENGTH], on_behalf_of, request_id or uuid.uuid4().hex

@@ -1,0 +1,133 @@
+"""The one place where exceptions become gRPC statuses.
+
+A KeybrokerError becomes its status code and client-safe message plus a google.rpc.ErrorInfo
+(reason, domain "keybroker"); anything else becomes INTERNAL with a generic message, its traceback
+going to the log and never into the reply.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from broker.errors import ERROR_DOMAIN, KeybrokerError
+
+log = logging.getLogger(__name__)
+
+INTERNAL_MESSAGE = "internal error"
+
+
+def status_proto(error: KeybrokerError) -> status_pb2.Status:
+    """A google.rpc.Status with an ErrorInfo detail for `error` (also used per batch item)."""
+    detail = any_pb2.Any()
+    detail.Pack(error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN))
+    return status_pb2.Status(code=error.code.value[0], message=error.message, details=[detail])
+
+
+def internal_status() -> status_pb2.Status:
+    detail = any_pb2.Any()
+    detail.Pack(error_details_pb2.ErrorInfo(reason="INTERNAL", domain=ERROR_DOMAIN))
+    return status_pb2.Status(code=code_pb2.INTERNAL, message=INTERNAL_MESSAGE, details=[detail])
+
+
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: Exception, method: str) -> None:
+    if isinstance(exc, KeybrokerError):
+        status = status_proto(exc)
+    else:
+        log.error("unexpected error in %s", method, exc_info=exc)
+        status = internal_status()
+    await context.abort_with_status(rpc_status.to_status(status))
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Translates exceptions raised by handlers (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._wrapped: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        method = handler_call_details.method
+        cached = self._wrapped.get(method)
+        if cached is not None:
+            return cached
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        wrapped = _wrap(handler, method)
+        self._wrapped[method] = wrapped
+        return wrapped
+
+
+def _wrap(handler: grpc.RpcMethodHandler[Any, Any], method: str) -> grpc.RpcMethodHandler[Any, Any]:
+    # The stubs type handlers as sync callables; under grpc.aio they are coroutines or async
+    # generators, hence Any below.
+    serializers = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_unary is not None:
+        inner_uu: Any = handler.unary_unary
+
+        async def unary_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            try:
+                return await inner_uu(request, context)
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:  # noqa: BLE001 -- the one place that must catch everything
+                await _abort(context, exc, method)
+
+        return grpc.unary_unary_rpc_method_handler(unary_unary, **serializers)
+    if handler.unary_stream is not None:
+        inner_us: Any = handler.unary_stream
+
+        async def unary_stream(
+            request: Any, context: grpc.aio.ServicerContext[Any, Any]
+        ) -> AsyncIterator[Any]:
+            try:
+                async for item in inner_us(request, context):
+                    yield item
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:  # noqa: BLE001 -- the one place that must catch everything
+                await _abort(context, exc, method)
+
+        return grpc.unary_stream_rpc_method_handler(unary_stream, **serializers)
+    if handler.stream_unary is not None:
+        inner_su: Any = handler.stream_unary
+
+        async def stream_unary(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            try:
+                return await inner_su(requests, context)
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:  # noqa: BLE001 -- the one place that must catch everything
+                await _abort(context, exc, method)
+
+        return grpc.stream_unary_rpc_method_handler(stream_unary, **serializers)
+    inner_ss: Any = handler.stream_stream
+    assert inner_ss is not None
+
+    async def stream_stream(
+        requests: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Any]:
+        try:
+            async for item in inner_ss(requests, context):
+                yield item
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:  # noqa: BLE001 -- the one place that must catch everything
+            await _abort(context, exc, method)
+
+    return grpc.stream_stream_rpc_method_handler(stream_stream, **serializers)

@@ -1,0 +1,49 @@
+"""Periodic key housekeeping: destroy what is due, rotate what is old.
+
+Runs in every broker process; every step re-checks its rows under lock, so replicas may race
+harmlessly. Failures are logged and retried at the next tick; they never stop the broker.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+import anyio
+from sqlalchemy.exc import SQLAlchemyError
+
+from broker.audit import AuditEvent
+from broker.errors import KeybrokerError
+from broker.lifecycle import Lifecycle
+
+log = logging.getLogger(__name__)
+
+CALLER = "keybroker-janitor"
+
+
+def janitor_event(operation: str, resource: str) -> AuditEvent:
+    return AuditEvent(operation, CALLER, f"janitor-{anyio.current_time():.0f}", resource=resource)
+
+
+async def tick(lifecycle: Lifecycle) -> tuple[int, int, int]:
+    """One pass: (versions destroyed, resources destroyed, keys rotated)."""
+    versions, resources = await lifecycle.destroy_due(janitor_event)
+    rotated = await lifecycle.rotate_due(janitor_event)
+    if versions or resources or rotated:
+        log.info(
+            "janitor: destroyed %d key versions and %d resources, rotated %d keys",
+            versions,
+            resources,
+            rotated,
+        )
+    return versions, resources, rotated
+
+
+async def run(lifecycle: Lifecycle, interval: timedelta) -> None:
+    """Ticks every `interval` until cancelled."""
+    while True:
+        try:
+            await tick(lifecycle)
+        except (SQLAlchemyError, OSError, KeybrokerError):
+            log.exception("janitor pass failed; retrying at the next tick")
+        await anyio.sleep(interval.total_seconds())

@@ -1,0 +1,170 @@
+"""Loading the key hierarchy for use: master -> service root -> resource-key version.
+
+`KeyStore` answers "which AEAD wraps data keys for (resource, purpose) now" and "which one opens
+version v", from its in-memory cache (broker.key_cache) or, on a miss, from SQL by unsealing the
+chain. What it returns for a version that must not be used (resource being deleted, version
+scheduled for destruction) carries the refusal, so refusals are cached like keys.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESGCMSIV
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from broker import sealing
+from broker.db.models import KeyRingRow, KeyVersionRow, ResourceRow
+from broker.errors import FailedPrecondition, KeybrokerError, NotFound
+from broker.key_cache import KeyCache
+from broker.master_key import MasterKey
+from broker.names import Purpose, key_version_name, resource_name
+
+log = logging.getLogger(__name__)
+
+ROOT_KEY_LABEL = b"root-key"
+RESOURCE_KEY_LABEL = b"resource-key"
+
+
+class StoredKeyCorrupt(KeybrokerError):
+    """Stored key material failed to authenticate: the database or master key was tampered with."""
+
+    def __init__(self) -> None:
+        super().__init__("INTERNAL", "internal error")
+
+
+@dataclass(frozen=True, slots=True)
+class UsableKey:
+    """One resource-key version, ready to wrap/unwrap data keys unless `refusal` is set."""
+
+    version: int
+    key_id: str
+    aead: AESGCMSIV | None
+    refusal: KeybrokerError | None
+
+
+def service_root_key_id(resource_id: str) -> str:
+    """The versioned id of a resource's service-managed root key."""
+    return f"{resource_name(resource_id)}/serviceRootKey/versions/1"
+
+
+def root_context(resource_id: str) -> tuple[bytes, ...]:
+    return (resource_name(resource_id).encode(),)
+
+
+def resource_key_context(resource_id: str, purpose: Purpose, version: int) -> tuple[bytes, ...]:
+    return (resource_name(resource_id).encode(), purpose.value.encode(), str(version).encode())
+
+
+def resource_not_found(resource_id: str) -> NotFound:
+    return NotFound("RESOURCE_NOT_FOUND", f"{resource_name(resource_id)} does not exist")
+
+
+def resource_refusal(row: ResourceRow) -> KeybrokerError | None:
+    """Why data keys of this resource cannot be used now, if they cannot."""
+    if row.state == "delete_scheduled":
+        return FailedPrecondition(
+            "RESOURCE_DELETE_SCHEDULED", f"{resource_name(row.id)} is scheduled for deletion"
+        )
+    if row.state == "destroyed":
+        return FailedPrecondition("RESOURCE_DESTROYED", f"{resource_name(row.id)} is destroyed")
+    return None
+
+
+def version_refusal(row: KeyVersionRow, name: str) -> KeybrokerError | None:
+    if row.state == "destroy_scheduled":
+        return FailedPrecondition(
+            "KEY_VERSION_DESTROY_SCHEDULED", f"{name} is scheduled for destruction"
+        )
+    if row.state == "destroyed":
+        return FailedPrecondition("KEY_VERSION_DESTROYED", f"{name} is destroyed")
+    return None
+
+
+class KeyStore:
+    """Cached access to usable resource keys; see the module docstring."""
+
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        master_keys: Mapping[str, MasterKey],
+        cache: KeyCache[tuple[str, str, int], UsableKey],
+    ) -> None:
+        self._sessions = sessions
+        self._master_keys = master_keys
+        self.cache = cache
+
+    async def current(self, resource_id: str, purpose: Purpose) -> UsableKey:
+        """The version that wraps new data keys (version 0 in the cache key means "current")."""
+        return await self.cache.get(
+            (resource_id, purpose.value, 0), lambda: self._load(resource_id, purpose, None)
+        )
+
+    async def version(self, resource_id: str, purpose: Purpose, version: int) -> UsableKey:
+        """A specific version, for unwrapping."""
+        return await self.cache.get(
+            (resource_id, purpose.value, version), lambda: self._load(resource_id, purpose, version)
+        )
+
+    def forget(self, resource_id: str) -> None:
+        """Drops every cached key of a resource (after a state change in this process)."""
+        self.cache.invalidate(lambda k: k[0] == resource_id)
+
+    async def _load(self, resource_id: str, purpose: Purpose, version: int | None) -> UsableKey:
+        async with self._sessions() as session:
+            resource = await session.get(ResourceRow, resource_id)
+            if resource is None:
+                raise resource_not_found(resource_id)
+            if version is None:
+                ring = await session.get(KeyRingRow, (resource_id, purpose.value))
+                if ring is None:
+                    raise resource_not_found(resource_id)
+                version = ring.current_version
+            row = await session.get(KeyVersionRow, (resource_id, purpose.value, version))
+        name = key_version_name(resource_id, purpose, version)
+        if row is None:
+            raise NotFound("KEY_VERSION_NOT_FOUND", f"{name} does not exist")
+        refusal = resource_refusal(resource) or version_refusal(row, name)
+        if refusal is not None:
+            return UsableKey(version, name, None, refusal)
+        root = self.open_root(resource)
+        assert row.wrapped_key is not None
+        key = open_resource_key(root, row)
+        return UsableKey(version, name, AESGCMSIV(key), None)
+
+    def open_root(self, resource: ResourceRow) -> AESGCM:
+        """Unseals a resource's service-managed root key with the master key that sealed it."""
+        master = self._master_keys.get(resource.master_key_id or "")
+        if resource.root_key_sealed is None or master is None:
+            log.error(
+                "resource %s has no usable root key (master key %s)",
+                resource.id,
+                resource.master_key_id,
+            )
+            raise StoredKeyCorrupt
+        try:
+            root = sealing.unseal(
+                master.aead, resource.root_key_sealed, ROOT_KEY_LABEL, root_context(resource.id)
+            )
+        except sealing.UnsealError:
+            log.error("root key of resource %s failed to authenticate", resource.id)
+            raise StoredKeyCorrupt from None
+        return AESGCM(root)
+
+
+def open_resource_key(root: AESGCM, row: KeyVersionRow) -> bytes:
+    """Unseals one resource-key version under its (service-managed) root."""
+    assert row.wrapped_key is not None
+    context = resource_key_context(row.resource_id, Purpose(row.purpose), row.version)
+    try:
+        return sealing.unseal(root, row.wrapped_key, RESOURCE_KEY_LABEL, context)
+    except sealing.UnsealError:
+        log.error(
+            "resource key %s/%s/v%d failed to authenticate",
+            row.resource_id,
+            row.purpose,
+            row.version,
+        )
+        raise StoredKeyCorrupt from None

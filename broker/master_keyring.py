@@ -1,0 +1,147 @@
+"""Opening the master key at start, and rotating it offline (`keybroker master-key rotate`).
+
+At start the key file must exist whenever the database holds sealed root keys, and must be the key
+that sealed them; on a fresh database a new key file is created (mode 0600).
+
+Rotation writes a new key to `master.key.next`, re-seals every root key under it in one
+transaction (nothing below the root keys changes), and only then renames it over `master.key`. A
+crash before the commit leaves the old key in force (the stale `.next` file is discarded at the
+next start); a crash after it is completed at the next start, which finds the database sealed under
+the `.next` key.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import cast
+
+from sqlalchemy import Table, bindparam, select, update
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from broker import master_key, sealing
+from broker.audit import AuditEvent, AuditLog
+from broker.db.models import ResourceRow
+from broker.errors import ConfigurationError
+from broker.keys import ROOT_KEY_LABEL, root_context
+from broker.master_key import MasterKey
+from broker.settings import Settings
+
+log = logging.getLogger(__name__)
+_BATCH = 500
+_RESOURCES = cast(Table, ResourceRow.__table__)
+
+
+async def _referenced_ids(sessions: async_sessionmaker[AsyncSession]) -> set[str]:
+    async with sessions() as session:
+        ids = await session.scalars(
+            select(ResourceRow.master_key_id)
+            .where(ResourceRow.master_key_id.is_not(None))
+            .distinct()
+        )
+        return {i for i in ids if i is not None}
+
+
+async def open_master_key(
+    settings: Settings, sessions: async_sessionmaker[AsyncSession]
+) -> MasterKey:
+    """The master key for this data directory and database; see the module docstring."""
+    path = settings.master_key_file
+    next_path = path.with_name(master_key.NEXT_FILE_NAME)
+    referenced = await _referenced_ids(sessions)
+    if next_path.exists():
+        pending = master_key.load(next_path)
+        if referenced and referenced == {pending.key_id}:
+            log.warning("completing an interrupted master key rotation to %s", pending.key_id)
+            master_key.replace(next_path, path)
+        else:
+            log.warning("discarding %s from a rotation that did not commit", next_path)
+            next_path.unlink()
+    if not path.exists():
+        if referenced:
+            raise ConfigurationError(
+                f"master key file {path} is missing but the database holds root keys sealed by "
+                f"{', '.join(sorted(referenced))}: restore the file (from your key backup)"
+            )
+        settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        key = master_key.write_new(path)
+        log.info("created master key %s in %s", key.key_id, path)
+        return key
+    key = master_key.load(path)
+    unknown = referenced - {key.key_id}
+    if unknown:
+        raise ConfigurationError(
+            f"master key file {path} holds {key.key_id}, but the database holds root keys sealed "
+            f"by {', '.join(sorted(unknown))}: this is not the database's master key file"
+        )
+    return key
+
+
+async def rotate_master_key(
+    settings: Settings,
+    sessions: async_sessionmaker[AsyncSession],
+    audit: AuditLog,
+    event: Callable[[], AuditEvent],
+) -> tuple[str, str, int]:
+    """Re-seals every root key under a new master key; returns (old id, new id, count)."""
+    old = await open_master_key(settings, sessions)
+    next_path = settings.master_key_file.with_name(master_key.NEXT_FILE_NAME)
+    new = master_key.write_new(next_path)
+    count = 0
+    try:
+        async with sessions.begin() as session:
+            after = ""
+            while True:
+                rows = (
+                    await session.execute(
+                        select(ResourceRow.id, ResourceRow.root_key_sealed)
+                        .where(ResourceRow.id > after, ResourceRow.master_key_id == old.key_id)
+                        .order_by(ResourceRow.id)
+                        .limit(_BATCH)
+                        .with_for_update()
+                    )
+                ).all()
+                if not rows:
+                    break
+                params = []
+                for resource_id, sealed in rows:
+                    assert sealed is not None  # master_key_id is set only beside a sealed key
+                    context = root_context(resource_id)
+                    try:
+                        root = sealing.unseal(old.aead, sealed, ROOT_KEY_LABEL, context)
+                    except sealing.UnsealError:
+                        raise ConfigurationError(
+                            f"root key of {resource_id} does not open under {old.key_id}: "
+                            "the database was tampered with; nothing was changed"
+                        ) from None
+                    params.append(
+                        {
+                            "rid": resource_id,
+                            "sealed": sealing.seal(new.aead, root, ROOT_KEY_LABEL, context),
+                        }
+                    )
+                await session.execute(
+                    update(_RESOURCES)
+                    .where(_RESOURCES.c.id == bindparam("rid"))
+                    .values(root_key_sealed=bindparam("sealed"), master_key_id=new.key_id),
+                    params,
+                )
+                count += len(rows)
+                after = rows[-1][0]
+            ev = event()
+            ev.key_ids.update({old.key_id, new.key_id})
+            ev.item_count = count
+            await audit.record_in(session, ev)
+    except BaseException:
+        next_path.unlink(missing_ok=True)
+        raise
+    master_key.replace(next_path, settings.master_key_file)
+    log.info(
+        "master key rotated from %s to %s (%d root keys re-sealed) at %s",
+        old.key_id,
+        new.key_id,
+        count,
+        datetime.now(UTC).isoformat(),
+    )
+    return old.key_id, new.key_id, count

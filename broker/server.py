@@ -1,0 +1,144 @@
+"""Assembling and running the broker: `build_broker(settings)` and `serve(settings, stop)`.
+
+Nothing is connected before these are called. `serve` runs everything inside one anyio task group
+in the calling task: the gRPC server (KeyBroker, grpc.health.v1, reflection), the audit group
+committer and the janitor. When `stop` is set it drains: health turns NOT_SERVING, in-flight calls
+finish (up to the shutdown grace), the audit queue is flushed, then it returns.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import anyio
+import grpc
+from anyio.abc import TaskStatus
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from broker import janitor
+from broker.api import key_broker_pb2 as pb
+from broker.api import key_broker_pb2_grpc as pb_grpc
+from broker.audit import AuditLog
+from broker.data_plane import DataKeys
+from broker.db import schema
+from broker.db.engine import create_engine, session_factory
+from broker.interceptors import ErrorInterceptor
+from broker.key_cache import KeyCache
+from broker.keys import KeyStore, UsableKey
+from broker.lifecycle import Lifecycle, LifecyclePolicy
+from broker.master_key import MasterKey
+from broker.master_keyring import open_master_key
+from broker.service import VERSION, KeyBrokerService
+from broker.settings import Settings
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["KeyBroker"].full_name
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass
+class Broker:
+    """The assembled key plane of one process."""
+
+    engine: AsyncEngine
+    sessions: async_sessionmaker[AsyncSession]
+    master: MasterKey
+    audit: AuditLog
+    keys: KeyStore
+    lifecycle: Lifecycle
+    service: KeyBrokerService
+
+
+async def build_broker(
+    settings: Settings, engine: AsyncEngine, now: Callable[[], datetime] = utc_now
+) -> Broker:
+    """Builds the broker over a migrated database (checks the master key against it)."""
+    sessions = session_factory(engine)
+    master = await open_master_key(settings, sessions)
+    audit = AuditLog(engine, max_pending=settings.audit_max_pending)
+    cache: KeyCache[tuple[str, str, int], UsableKey] = KeyCache(
+        ttl=settings.cache_ttl.total_seconds(), max_entries=settings.cache_max_entries
+    )
+    keys = KeyStore(sessions, {master.key_id: master}, cache)
+    policy = LifecyclePolicy(
+        rotation_period=settings.rotation_period,
+        default_pending_window=settings.pending_window,
+        min_pending_window=settings.min_pending_window,
+        max_pending_window=settings.max_pending_window,
+    )
+    lifecycle = Lifecycle(sessions, keys, audit, master, policy, now)
+
+    def status() -> pb.GetStatusResponse:
+        return pb.GetStatusResponse(healthz="ok", version=VERSION, master_key_id=master.key_id)
+
+    service = KeyBrokerService(lifecycle, DataKeys(keys), audit, status)
+    return Broker(engine, sessions, master, audit, keys, lifecycle, service)
+
+
+@dataclass(frozen=True)
+class Running:
+    """What `serve` reports once it listens."""
+
+    port: int
+    broker: Broker
+
+
+async def serve(
+    settings: Settings,
+    stop: anyio.Event,
+    *,
+    migrate: bool = False,
+    now: Callable[[], datetime] = utc_now,
+    task_status: TaskStatus[Running] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Runs the broker until `stop` is set (see the module docstring)."""
+    settings.check_listen()
+    settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    engine = create_engine(settings.database)
+    try:
+        if migrate:
+            await schema.upgrade(engine)
+        else:
+            await schema.require_current(engine)
+        broker = await build_broker(settings, engine, now)
+        server = grpc.aio.server(interceptors=[ErrorInterceptor()])
+        pb_grpc.add_KeyBrokerServicer_to_server(broker.service, server)
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        port = server.add_insecure_port(settings.listen)
+        async with anyio.create_task_group() as tg:
+            await tg.start(broker.audit.run)
+            await server.start()
+            for name in (SERVICE_NAME, ""):
+                await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+            janitor_scope = anyio.CancelScope()
+
+            async def run_janitor() -> None:
+                with janitor_scope:
+                    await janitor.run(broker.lifecycle, settings.janitor_interval)
+
+            tg.start_soon(run_janitor)
+            log.info("broker listening on %s (port %d)", settings.listen, port)
+            task_status.started(Running(port, broker))
+            await stop.wait()
+            log.info("draining: health NOT_SERVING, finishing in-flight calls")
+            with anyio.CancelScope(shield=True):
+                await health_servicer.enter_graceful_shutdown()
+                await server.stop(settings.shutdown_grace.total_seconds())
+                janitor_scope.cancel()
+                broker.audit.close()  # audit.run returns once everything pending is durable
+        log.info("broker stopped; %d audit records committed", broker.audit.records_committed)
+    finally:
+        await engine.dispose()

@@ -1,0 +1,370 @@
+"""The KeyBroker gRPC service: request validation, audit, and the mapping to keybroker.v1 messages.
+
+Every RPC is audited. A state change that succeeds writes its record inside its own transaction
+(broker.lifecycle); every other outcome (reads, data-key calls, rejections) goes through the
+group-committed AuditLog, and the reply waits until its record is durable.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import grpc
+
+from broker import convert
+from broker.api import key_broker_pb2 as pb
+from broker.api import key_broker_pb2_grpc as pb_grpc
+from broker.audit import AuditEvent, AuditLog
+from broker.data_plane import DataKeys
+from broker.errors import InvalidArgument, KeybrokerError
+from broker.identity import call_identity
+from broker.interceptors import status_proto
+from broker.lifecycle import Lifecycle, ResourceView
+from broker.limits import MAX_BATCH_SIZE
+from broker.names import (
+    check_resource_id,
+    parse_key_version,
+    parse_object,
+    parse_resource,
+    parse_resource_key,
+    resource_name,
+)
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+Context = grpc.aio.ServicerContext[Any, Any]
+Handler = Callable[["KeyBrokerService", Req, Context, AuditEvent], Awaitable[Resp]]
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+VERSION = "0.1.0"
+
+
+def audited(
+    operation: str, *, changes_state: bool = False
+) -> Callable[[Handler[Req, Resp]], Callable[[KeyBrokerService, Req, Context], Awaitable[Resp]]]:
+    """Wraps a handler so that its call is audited exactly once, whatever its outcome.
+
+    `changes_state`: on success the handler's transaction already holds the record.
+    """
+
+    def decorate(
+        fn: Handler[Req, Resp],
+    ) -> Callable[[KeyBrokerService, Req, Context], Awaitable[Resp]]:
+        @functools.wraps(fn)
+        async def handler(self: KeyBrokerService, request: Req, context: Context) -> Resp:
+            caller, on_behalf_of, request_id = call_identity(context)
+            event = AuditEvent(operation, caller, request_id, on_behalf_of)
+            try:
+                response = await fn(self, request, context, event)
+            except KeybrokerError as exc:
+                event.outcome, event.reason = exc.code.name, exc.reason
+                await self.audit.record(event)
+                raise
+            except Exception:
+                event.outcome, event.reason = "INTERNAL", "INTERNAL"
+                await self.audit.record(event)
+                raise
+            if not changes_state:
+                await self.audit.record(event)
+            return response
+
+        return handler
+
+    return decorate
+
+
+class KeyBrokerService(pb_grpc.KeyBrokerServicer):
+    """keybroker.v1.KeyBroker over Lifecycle (state changes) and DataKeys (the hot path)."""
+
+    def __init__(
+        self,
+        lifecycle: Lifecycle,
+        data: DataKeys,
+        audit: AuditLog,
+        status: Callable[[], pb.GetStatusResponse],
+    ) -> None:
+        self.lifecycle = lifecycle
+        self.data = data
+        self.audit = audit
+        self._status = status
+
+    # -- resources -------------------------------------------------------------------------
+
+    @audited("CreateResource", changes_state=True)
+    async def CreateResource(
+        self, request: pb.CreateResourceRequest, context: Context, event: AuditEvent
+    ) -> pb.CreateResourceResponse:
+        resource_id = check_resource_id(request.resource_id)
+        event.resource = resource_name(resource_id)
+        view = await self.lifecycle.create_resource(resource_id, event)
+        return pb.CreateResourceResponse(resource=_resource(view))
+
+    @audited("ImportResource", changes_state=True)
+    async def ImportResource(
+        self, request: pb.ImportResourceRequest, context: Context, event: AuditEvent
+    ) -> pb.ImportResourceResponse:
+        resource_id = check_resource_id(request.resource_id)
+        event.resource = resource_name(resource_id)
+        if not request.HasField("create_time"):
+            raise InvalidArgument("MISSING_FIELD", "create_time is required")
+        view = await self.lifecycle.create_resource(
+            resource_id, event, create_time=convert.create_time(request.create_time)
+        )
+        return pb.ImportResourceResponse(resource=_resource(view))
+
+    @audited("GetResource")
+    async def GetResource(
+        self, request: pb.GetResourceRequest, context: Context, event: AuditEvent
+    ) -> pb.GetResourceResponse:
+        resource_id = parse_resource(request.name)
+        event.resource = request.name
+        return pb.GetResourceResponse(
+            resource=_resource(await self.lifecycle.get_resource(resource_id))
+        )
+
+    @audited("ListResources")
+    async def ListResources(
+        self, request: pb.ListResourcesRequest, context: Context, event: AuditEvent
+    ) -> pb.ListResourcesResponse:
+        size = convert.page_size(request.page_size)
+        after = convert.decode_page_token("r", request.page_token) or ""
+        views = await self.lifecycle.list_resources(after, size + 1)
+        response = pb.ListResourcesResponse(resources=[_resource(v) for v in views[:size]])
+        if len(views) > size:
+            response.next_page_token = convert.encode_page_token("r", views[size - 1].resource.id)
+        event.item_count = len(response.resources)
+        return response
+
+    @audited("DeleteResource", changes_state=True)
+    async def DeleteResource(
+        self, request: pb.DeleteResourceRequest, context: Context, event: AuditEvent
+    ) -> pb.DeleteResourceResponse:
+        resource_id = parse_resource(request.name)
+        event.resource = request.name
+        window = convert.pending_window(request.HasField("pending_window"), request.pending_window)
+        view = await self.lifecycle.delete_resource(resource_id, window, event)
+        return pb.DeleteResourceResponse(resource=_resource(view))
+
+    @audited("UndeleteResource", changes_state=True)
+    async def UndeleteResource(
+        self, request: pb.UndeleteResourceRequest, context: Context, event: AuditEvent
+    ) -> pb.UndeleteResourceResponse:
+        resource_id = parse_resource(request.name)
+        event.resource = request.name
+        view = await self.lifecycle.undelete_resource(resource_id, event)
+        return pb.UndeleteResourceResponse(resource=_resource(view))
+
+    # -- resource keys ---------------------------------------------------------------------
+
+    @audited("RotateResourceKey", changes_state=True)
+    async def RotateResourceKey(
+        self, request: pb.RotateResourceKeyRequest, context: Context, event: AuditEvent
+    ) -> pb.RotateResourceKeyResponse:
+        resource_id, purpose = parse_resource_key(request.name)
+        event.resource = resource_name(resource_id)
+        row = await self.lifecycle.rotate(resource_id, purpose, event)
+        message = convert.key_version(row, current_version=row.version)
+        return pb.RotateResourceKeyResponse(resource_key_version=message)
+
+    @audited("ListResourceKeyVersions")
+    async def ListResourceKeyVersions(
+        self, request: pb.ListResourceKeyVersionsRequest, context: Context, event: AuditEvent
+    ) -> pb.ListResourceKeyVersionsResponse:
+        resource_id, purpose = parse_resource_key(request.parent, "parent")
+        event.resource = resource_name(resource_id)
+        size = convert.page_size(request.page_size)
+        position = convert.decode_page_token("v", request.page_token)
+        before = None
+        if position is not None:
+            if not position.isdigit() or len(position) > 9:
+                raise InvalidArgument(
+                    "INVALID_PAGE_TOKEN", "page_token is not one this call returned"
+                )
+            before = int(position)
+        ring, rows = await self.lifecycle.list_versions(resource_id, purpose, before, size + 1)
+        response = pb.ListResourceKeyVersionsResponse(
+            resource_key_versions=[
+                convert.key_version(r, ring.current_version) for r in rows[:size]
+            ]
+        )
+        if len(rows) > size:
+            response.next_page_token = convert.encode_page_token("v", str(rows[size - 1].version))
+        event.item_count = len(response.resource_key_versions)
+        return response
+
+    @audited("DestroyResourceKeyVersion", changes_state=True)
+    async def DestroyResourceKeyVersion(
+        self, request: pb.DestroyResourceKeyVersionRequest, context: Context, event: AuditEvent
+    ) -> pb.DestroyResourceKeyVersionResponse:
+        name = parse_key_version(request.name)
+        event.resource = resource_name(name.resource_id)
+        event.key_ids.add(str(name))
+        window = convert.pending_window(request.HasField("pending_window"), request.pending_window)
+        ring, row = await self.lifecycle.destroy_version(name, window, event)
+        return pb.DestroyResourceKeyVersionResponse(
+            resource_key_version=convert.key_version(row, ring.current_version)
+        )
+
+    @audited("RestoreResourceKeyVersion", changes_state=True)
+    async def RestoreResourceKeyVersion(
+        self, request: pb.RestoreResourceKeyVersionRequest, context: Context, event: AuditEvent
+    ) -> pb.RestoreResourceKeyVersionResponse:
+        name = parse_key_version(request.name)
+        event.resource = resource_name(name.resource_id)
+        event.key_ids.add(str(name))
+        ring, row = await self.lifecycle.restore_version(name, event)
+        return pb.RestoreResourceKeyVersionResponse(
+            resource_key_version=convert.key_version(row, ring.current_version)
+        )
+
+    # -- data keys: the hot path -----------------------------------------------------------------
+
+    @audited("GenerateDataKey")
+    async def GenerateDataKey(
+        self, request: pb.GenerateDataKeyRequest, context: Context, event: AuditEvent
+    ) -> pb.GenerateDataKeyResponse:
+        event.resource = request.name
+        key = await self.data.generate(request.name, request.associated_data)
+        event.key_ids.add(key.key_id)
+        return pb.GenerateDataKeyResponse(
+            plaintext_data_key=key.plaintext, wrapped_data_key=key.wrapped, key_id=key.key_id
+        )
+
+    @audited("DecryptDataKey")
+    async def DecryptDataKey(
+        self, request: pb.DecryptDataKeyRequest, context: Context, event: AuditEvent
+    ) -> pb.DecryptDataKeyResponse:
+        event.resource = request.name
+        plaintext, key_id = await self.data.decrypt(
+            request.name, request.wrapped_data_key, request.associated_data
+        )
+        event.key_ids.add(key_id)
+        return pb.DecryptDataKeyResponse(plaintext_data_key=plaintext, key_id=key_id)
+
+    @audited("RewrapDataKey")
+    async def RewrapDataKey(
+        self, request: pb.RewrapDataKeyRequest, context: Context, event: AuditEvent
+    ) -> pb.RewrapDataKeyResponse:
+        event.resource = request.name
+        key = await self.data.rewrap(
+            request.name, request.wrapped_data_key, request.associated_data
+        )
+        event.key_ids.add(key.key_id)
+        return pb.RewrapDataKeyResponse(
+            wrapped_data_key=key.wrapped, key_id=key.key_id, rewrapped=key.rewrapped
+        )
+
+    @audited("BatchGenerateDataKeys")
+    async def BatchGenerateDataKeys(
+        self, request: pb.BatchGenerateDataKeysRequest, context: Context, event: AuditEvent
+    ) -> pb.BatchGenerateDataKeysResponse:
+        async def one(item: pb.GenerateDataKeyRequest) -> pb.GenerateDataKeyResult:
+            key = await self.data.generate(item.name, item.associated_data)
+            event.key_ids.add(key.key_id)
+            return pb.GenerateDataKeyResult(
+                response=pb.GenerateDataKeyResponse(
+                    plaintext_data_key=key.plaintext,
+                    wrapped_data_key=key.wrapped,
+                    key_id=key.key_id,
+                )
+            )
+
+        results = await _batch(request.requests, one, _generate_failed, event)
+        return pb.BatchGenerateDataKeysResponse(results=results)
+
+    @audited("BatchDecryptDataKeys")
+    async def BatchDecryptDataKeys(
+        self, request: pb.BatchDecryptDataKeysRequest, context: Context, event: AuditEvent
+    ) -> pb.BatchDecryptDataKeysResponse:
+        async def one(item: pb.DecryptDataKeyRequest) -> pb.DecryptDataKeyResult:
+            plaintext, key_id = await self.data.decrypt(
+                item.name, item.wrapped_data_key, item.associated_data
+            )
+            event.key_ids.add(key_id)
+            return pb.DecryptDataKeyResult(
+                response=pb.DecryptDataKeyResponse(plaintext_data_key=plaintext, key_id=key_id)
+            )
+
+        results = await _batch(request.requests, one, _decrypt_failed, event)
+        return pb.BatchDecryptDataKeysResponse(results=results)
+
+    @audited("BatchRewrapDataKeys")
+    async def BatchRewrapDataKeys(
+        self, request: pb.BatchRewrapDataKeysRequest, context: Context, event: AuditEvent
+    ) -> pb.BatchRewrapDataKeysResponse:
+        async def one(item: pb.RewrapDataKeyRequest) -> pb.RewrapDataKeyResult:
+            key = await self.data.rewrap(item.name, item.wrapped_data_key, item.associated_data)
+            event.key_ids.add(key.key_id)
+            return pb.RewrapDataKeyResult(
+                response=pb.RewrapDataKeyResponse(
+                    wrapped_data_key=key.wrapped, key_id=key.key_id, rewrapped=key.rewrapped
+                )
+            )
+
+        results = await _batch(request.requests, one, _rewrap_failed, event)
+        return pb.BatchRewrapDataKeysResponse(results=results)
+
+    # -- status ------------------------------------------------------------------------------
+
+    @audited("GetStatus")
+    async def GetStatus(
+        self, request: pb.GetStatusRequest, context: Context, event: AuditEvent
+    ) -> pb.GetStatusResponse:
+        response = self._status()
+        if request.name:
+            resource_id = parse_resource(request.name)
+            event.resource = request.name
+            view = await self.lifecycle.get_resource(resource_id)
+            response.encryption.extend(_resource(view).encryption)
+        return response
+
+
+def _resource(view: ResourceView) -> pb.Resource:
+    return convert.resource(view.resource, tuple(view.rings))
+
+
+def _generate_failed(status: Any) -> pb.GenerateDataKeyResult:
+    return pb.GenerateDataKeyResult(status=status)
+
+
+def _decrypt_failed(status: Any) -> pb.DecryptDataKeyResult:
+    return pb.DecryptDataKeyResult(status=status)
+
+
+def _rewrap_failed(status: Any) -> pb.RewrapDataKeyResult:
+    return pb.RewrapDataKeyResult(status=status)
+
+
+async def _batch(
+    items: Sequence[Item],
+    one: Callable[[Item], Awaitable[Result]],
+    failed: Callable[[Any], Result],
+    event: AuditEvent,
+) -> list[Result]:
+    """Runs `one` per item; a KeybrokerError becomes that item's status, the others go on."""
+    count = len(items)
+    if count == 0:
+        raise InvalidArgument("MISSING_FIELD", "requests must hold at least one item")
+    if count > MAX_BATCH_SIZE:
+        raise InvalidArgument("BATCH_TOO_LARGE", f"requests holds more than {MAX_BATCH_SIZE} items")
+    event.item_count = count
+    resources = {_resource_of(getattr(i, "name", "")) for i in items}
+    event.resource = resources.pop() if len(resources) == 1 else None
+    results: list[Result] = []
+    for item in items:
+        try:
+            results.append(await one(item))
+        except KeybrokerError as exc:
+            event.failed_count += 1
+            results.append(failed(status_proto(exc)))
+    return results
+
+
+def _resource_of(name: str) -> str | None:
+    try:
+        return resource_name(parse_object(name).resource_id)
+    except KeybrokerError:
+        return None

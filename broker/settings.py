@@ -1,0 +1,105 @@
+"""Settings: read once, from command-line flags and KEYBROKER_* environment variables, into one
+frozen object that is passed down. Flags win over the environment, which wins over defaults.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from broker.errors import ConfigurationError
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)?")
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+
+
+def parse_duration(text: str) -> timedelta:
+    """'90d', '5m', '30s', '250ms' or plain seconds."""
+    m = _DURATION.fullmatch(text.strip())
+    if not m:
+        raise ConfigurationError(f"not a duration: {text!r} (examples: 90d, 5m, 30s, 250ms)")
+    return timedelta(seconds=float(m.group(1)) * _UNITS[m.group(2)])
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a broker process needs to know; built by `load`."""
+
+    data_dir: Path = Path(".keybroker")
+    listen: str = "127.0.0.1:50051"
+    # Empty: SQLite in the data directory.
+    database_url: str = ""
+    cache_ttl: timedelta = timedelta(minutes=5)
+    cache_max_entries: int = 100_000
+    rotation_period: timedelta = timedelta(days=90)
+    pending_window: timedelta = timedelta(days=7)
+    # Production keeps a floor under the pending window; tests set it to 0.
+    min_pending_window: timedelta = timedelta(days=1)
+    max_pending_window: timedelta = timedelta(days=120)
+    janitor_interval: timedelta = timedelta(minutes=1)
+    shutdown_grace: timedelta = timedelta(seconds=10)
+    audit_max_pending: int = 10_000
+    log_level: str = "INFO"
+
+    @property
+    def master_key_file(self) -> Path:
+        return self.data_dir / "master.key"
+
+    @property
+    def database(self) -> str:
+        return (
+            self.database_url or f"sqlite+aiosqlite:///{self.data_dir.resolve() / 'keybroker.db'}"
+        )
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        host, sep, port = self.listen.rpartition(":")
+        if not sep or not port.isdigit() or int(port) > 65535:
+            raise ConfigurationError(f"--listen must be HOST:PORT, got {self.listen!r}")
+        return host.strip("[]"), int(port)
+
+    def check_listen(self) -> None:
+        """Refuses a non-loopback address: without mutual TLS only this machine may connect."""
+        host, _ = self.host_port
+        if host == "localhost":
+            return
+        try:
+            loopback = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback:
+            raise ConfigurationError(
+                f"refusing to listen on {host}: only loopback addresses are allowed until mutual "
+                "TLS is configured"
+            )
+
+
+def _convert(name: str, raw: str, default: Any) -> Any:
+    if isinstance(default, timedelta):
+        return parse_duration(raw)
+    if isinstance(default, Path):
+        return Path(raw)
+    if isinstance(default, int):
+        try:
+            return int(raw)
+        except ValueError:
+            raise ConfigurationError(f"{name} must be an integer, got {raw!r}") from None
+    return raw
+
+
+def load(flags: Mapping[str, str | None], environ: Mapping[str, str]) -> Settings:
+    """Settings from flags (field name -> text, None when not given) over KEYBROKER_* variables."""
+    base = Settings()
+    values: dict[str, Any] = {}
+    for f in fields(Settings):
+        raw = flags.get(f.name)
+        if raw is None:
+            raw = environ.get(f"KEYBROKER_{f.name.upper()}")
+        if raw is not None:
+            values[f.name] = _convert(f.name, raw, getattr(base, f.name))
+    return replace(base, **values)
