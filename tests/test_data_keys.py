@@ -237,7 +237,8 @@ async def test_destroying_a_version_stops_its_keys_after_the_window(
         wrapped = (
             await conn.execute(
                 text(
-                    "SELECT wrapped_key FROM key_versions WHERE resource_id='r1' AND purpose='models' AND version=1"
+                    "SELECT wrapped_key FROM key_versions"
+                    " WHERE resource_id = 'r1' AND purpose = 'models' AND version = 1"
                 )
             )
         ).scalar_one()
