@@ -69,7 +69,8 @@ async def running_broker(
             started.set_result(running)
 
     task = asyncio.create_task(supervise())
-    await asyncio.wait({task, started}, return_when=asyncio.FIRST_COMPLETED)
+    waiters: set[asyncio.Future[Any]] = {task, started}
+    await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
     if not started.done():
         task.result()  # raises what serve raised
         raise AssertionError("serve returned without starting")
@@ -112,7 +113,7 @@ async def state_digest(engine: AsyncEngine) -> str:
     h = hashlib.sha256()
     async with engine.connect() as conn:
         for table in STATE_TABLES:
-            rows = (await conn.execute(text(f"SELECT * FROM {table}"))).all()  # noqa: S608
+            rows = (await conn.execute(text(f"SELECT * FROM {table}"))).all()
             for row in sorted(repr(tuple(r)) for r in rows):
                 h.update(row.encode())
             h.update(b"|")
