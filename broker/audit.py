@@ -18,14 +18,13 @@ import os
 import socket
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
 
 import anyio
 from anyio.abc import TaskStatus
 from sqlalchemy import insert
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
+from broker.audit_sinks import COLUMNS, AuditSink, AuditSinkError, AuditTuple, open_sink
 from broker.db.models import AuditRow
 from broker.errors import Unavailable
 
@@ -47,21 +46,22 @@ class AuditEvent:
     outcome: str = "OK"
     reason: str | None = None
 
-    def row(self, writer: str, now: datetime) -> dict[str, Any]:
-        return {
-            "time": now,
-            "writer": writer,
-            "request_id": self.request_id,
-            "caller": self.caller,
-            "on_behalf_of": self.on_behalf_of,
-            "operation": self.operation,
-            "resource": self.resource,
-            "item_count": self.item_count,
-            "failed_count": self.failed_count,
-            "key_ids": " ".join(sorted(self.key_ids)),
-            "outcome": self.outcome,
-            "reason": self.reason,
-        }
+    def row(self, writer: str, now: datetime) -> AuditTuple:
+        """The record's values in audit_sinks.COLUMNS order."""
+        return (
+            now,
+            writer,
+            self.request_id,
+            self.caller,
+            self.on_behalf_of,
+            self.operation,
+            self.resource,
+            self.item_count,
+            self.failed_count,
+            " ".join(sorted(self.key_ids)),
+            self.outcome,
+            self.reason,
+        )
 
 
 def writer_id() -> str:
@@ -73,10 +73,10 @@ class AuditLog:
     """Group-committing audit writer; `run` is its background task (see the module docstring)."""
 
     def __init__(self, engine: AsyncEngine, *, max_pending: int = 10_000) -> None:
-        self._engine = engine
+        self._url = engine.url
         self._max_pending = max_pending
         self.writer = writer_id()
-        self._pending: list[dict[str, Any]] = []
+        self._pending: list[AuditTuple] = []
         self._group: asyncio.Future[None] | None = None
         self._wake = asyncio.Event()
         self._room = asyncio.Event()
@@ -86,7 +86,8 @@ class AuditLog:
 
     async def record_in(self, session: AsyncSession, event: AuditEvent) -> None:
         """Adds the record to the caller's transaction (for state changes)."""
-        await session.execute(insert(AuditRow), [event.row(self.writer, datetime.now(UTC))])
+        row = dict(zip(COLUMNS, event.row(self.writer, datetime.now(UTC)), strict=True))
+        await session.execute(insert(AuditRow), [row])
 
     async def record(self, event: AuditEvent) -> None:
         """Queues the record and returns once it is committed (Unavailable if it cannot be)."""
@@ -105,24 +106,28 @@ class AuditLog:
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Commits groups until `close()` is called and everything pending is durable."""
+        sink = open_sink(self._url)
         task_status.started()
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            if self._pending:
-                await self._commit_group()
-            elif self._closing:
-                return
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                if self._pending:
+                    await self._commit_group(sink)
+                elif self._closing:
+                    return
+        finally:
+            with anyio.CancelScope(shield=True):
+                await sink.close()
 
-    async def _commit_group(self) -> None:
+    async def _commit_group(self, sink: AuditSink) -> None:
         rows, group = self._pending, self._group
         self._pending, self._group = [], None
         self._room.set()
         assert group is not None
         try:
-            async with self._engine.begin() as conn:
-                await conn.execute(insert(AuditRow), rows)
-        except (SQLAlchemyError, OSError):
+            await sink.write(rows)
+        except AuditSinkError:
             log.exception("audit group commit failed (%d records); their calls fail", len(rows))
             group.set_exception(Unavailable("AUDIT_UNAVAILABLE", "the audit trail is unavailable"))
             group.exception()  # retrieved: callers that were cancelled meanwhile do not care

@@ -260,10 +260,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigurationError as exc:
         print(f"keybroker: {exc}", file=sys.stderr)
         return 2
+    except BaseExceptionGroup as group:
+        # A start-up refusal raised inside a task group arrives wrapped; report it plainly.
+        refusal = _first_configuration_error(group)
+        if refusal is None:
+            raise
+        print(f"keybroker: {refusal}", file=sys.stderr)
+        return 2
     except grpc.aio.AioRpcError as exc:
         detail = _error_reason(exc)
         print(f"keybroker: {exc.code().name}: {exc.details()}{detail}", file=sys.stderr)
         return 1
+
+
+def _first_configuration_error(group: BaseExceptionGroup[BaseException]) -> Exception | None:
+    for exc in group.exceptions:
+        if isinstance(exc, ConfigurationError):
+            return exc
+        if isinstance(exc, BaseExceptionGroup):
+            found = _first_configuration_error(exc)
+            if found is not None:
+                return found
+    return None
 
 
 def _error_reason(exc: grpc.aio.AioRpcError) -> str:
