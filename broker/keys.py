@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 
 ROOT_KEY_LABEL = b"root-key"
 RESOURCE_KEY_LABEL = b"resource-key"
+MAX_STORED_VERSION = 2**31 - 1
+"""Highest version an SQL INTEGER column holds; a wrapped key may name any uint32."""
 
 
 class StoredKeyCorrupt(KeybrokerError):
@@ -122,7 +124,12 @@ class KeyStore:
                 if ring is None:
                     raise resource_not_found(resource_id)
                 version = ring.current_version
-            row = await session.get(KeyVersionRow, (resource_id, purpose.value, version))
+            # The version comes from an unauthenticated header; SQL stores 32-bit signed ints.
+            row = (
+                await session.get(KeyVersionRow, (resource_id, purpose.value, version))
+                if version <= MAX_STORED_VERSION
+                else None
+            )
         name = key_version_name(resource_id, purpose, version)
         if row is None:
             raise NotFound("KEY_VERSION_NOT_FOUND", f"{name} does not exist")

@@ -1,7 +1,7 @@
 """Sealed keys: a key encrypted under a key-encryption key with AES-256-GCM.
 
 Used for a service-managed root key under the master key, and for a resource key under its
-service-managed root key. Format, version 1 (60 bytes for a 32-byte key):
+service-managed root key. Format, version 1 (61 bytes for a 32-byte key):
 
     0x01 || nonce (12 random bytes) || AES-256-GCM(kek, nonce, key, aad) (len(key) + 16 bytes)
     aad = associated_data.encode(b"keybroker/sealed-key/v1", label, *context)

@@ -226,7 +226,7 @@ class KeyBrokerService(pb_grpc.KeyBrokerServicer):
     async def GenerateDataKey(
         self, request: pb.GenerateDataKeyRequest, context: Context, event: AuditEvent
     ) -> pb.GenerateDataKeyResponse:
-        event.resource = request.name
+        event.resource = _object_for_audit(request.name)
         key = await self.data.generate(request.name, request.associated_data)
         event.key_ids.add(key.key_id)
         return pb.GenerateDataKeyResponse(
@@ -237,7 +237,7 @@ class KeyBrokerService(pb_grpc.KeyBrokerServicer):
     async def DecryptDataKey(
         self, request: pb.DecryptDataKeyRequest, context: Context, event: AuditEvent
     ) -> pb.DecryptDataKeyResponse:
-        event.resource = request.name
+        event.resource = _object_for_audit(request.name)
         plaintext, key_id = await self.data.decrypt(
             request.name, request.wrapped_data_key, request.associated_data
         )
@@ -248,7 +248,7 @@ class KeyBrokerService(pb_grpc.KeyBrokerServicer):
     async def RewrapDataKey(
         self, request: pb.RewrapDataKeyRequest, context: Context, event: AuditEvent
     ) -> pb.RewrapDataKeyResponse:
-        event.resource = request.name
+        event.resource = _object_for_audit(request.name)
         key = await self.data.rewrap(
             request.name, request.wrapped_data_key, request.associated_data
         )
@@ -361,6 +361,16 @@ async def _batch(
             event.failed_count += 1
             results.append(failed(status_proto(exc)))
     return results
+
+
+def _object_for_audit(name: str) -> str | None:
+    """`name` if it is a well-formed object name, else None. Unvalidated input never reaches the
+    audit trail: an over-long name or a NUL would fail the whole group commit on PostgreSQL."""
+    try:
+        parse_object(name)
+    except KeybrokerError:
+        return None
+    return name
 
 
 def _resource_of(name: str) -> str | None:
