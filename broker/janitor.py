@@ -43,7 +43,11 @@ async def run(lifecycle: Lifecycle, interval: timedelta) -> None:
     """Ticks every `interval` until cancelled."""
     while True:
         try:
-            await tick(lifecycle)
+            # Shielded: a pass cancelled inside a database call leaves the driver's connection
+            # half-closed (with aiosqlite, a close task that never finishes, which hangs the
+            # event loop's shutdown). Shutdown waits for the pass, as it does for in-flight calls.
+            with anyio.CancelScope(shield=True):
+                await tick(lifecycle)
         except (SQLAlchemyError, OSError, KeybrokerError):
             log.exception("janitor pass failed; retrying at the next tick")
         await anyio.sleep(interval.total_seconds())
