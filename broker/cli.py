@@ -25,6 +25,7 @@ from google.protobuf.message import Message
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from broker import data_dir_lock
 from broker import settings as settings_module
 from broker.api import key_broker_pb2 as pb
 from broker.api import key_broker_pb2_grpc as pb_grpc
@@ -213,6 +214,13 @@ async def _migrate(settings: Settings) -> int:
 
 
 async def _rotate_master(settings: Settings) -> int:
+    if not settings.data_dir.is_dir():
+        raise ConfigurationError(f"data directory {settings.data_dir} does not exist")
+    with data_dir_lock.locked(settings.data_dir, exclusive=True):
+        return await _rotate_master_locked(settings)
+
+
+async def _rotate_master_locked(settings: Settings) -> int:
     engine = create_engine(settings.database)
     try:
         await schema.require_current(engine)

@@ -13,7 +13,7 @@ from broker import data_keys
 from broker.errors import InvalidArgument
 from broker.keys import KeyStore, UsableKey
 from broker.limits import MAX_ASSOCIATED_DATA_LENGTH
-from broker.names import ObjectName, parse_object
+from broker.names import ObjectName
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,8 +53,7 @@ class DataKeys:
     async def _current(self, obj: ObjectName) -> UsableKey:
         return _usable(await self._keys.current(obj.resource_id, obj.purpose))
 
-    async def generate(self, name: str, ad: bytes) -> GeneratedKey:
-        obj = parse_object(name)
+    async def generate(self, obj: ObjectName, ad: bytes) -> GeneratedKey:
         _check_ad(ad)
         key = await self._current(obj)
         assert key.aead is not None
@@ -63,22 +62,20 @@ class DataKeys:
             plaintext, data_keys.wrap(key.aead, key.version, obj, plaintext, ad), key.key_id
         )
 
-    async def decrypt(self, name: str, wrapped: bytes, ad: bytes) -> tuple[bytes, str]:
+    async def decrypt(self, obj: ObjectName, wrapped: bytes, ad: bytes) -> tuple[bytes, str]:
         """(plaintext data key, id of the version that wrapped it)."""
-        obj = parse_object(name)
         _check_ad(ad)
         parsed = data_keys.parse(wrapped)
         key = _usable(await self._keys.version(obj.resource_id, obj.purpose, parsed.version))
         assert key.aead is not None
         return data_keys.unwrap(key.aead, parsed, obj, ad), key.key_id
 
-    async def rewrap(self, name: str, wrapped: bytes, ad: bytes) -> RewrappedKey:
+    async def rewrap(self, obj: ObjectName, wrapped: bytes, ad: bytes) -> RewrappedKey:
         """Moves a wrapped key to the current version; returns it unchanged when already there.
 
         The input is authenticated even when it is current, so a damaged key is never reported
         as fine.
         """
-        obj = parse_object(name)
         _check_ad(ad)
         parsed = data_keys.parse(wrapped)
         current = await self._current(obj)

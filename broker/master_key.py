@@ -8,7 +8,7 @@ File format, version 1 (85 bytes, mode 0600):
 The check value catches a damaged or edited file before any root key is touched; the key id
 (reported as `masterKeys/{hex}`) is stored beside every sealed root key, so a file that does not
 belong to the database is refused too. During `keybroker master-key rotate` the new key waits in
-`master.key.next` until the database has been re-sealed under it; see `broker.master_rotation`.
+`master.key.next` until the database has been re-sealed under it; see `broker.master_keyring`.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import cast
 
 from sqlalchemy import Table, bindparam, select, update
@@ -51,13 +52,7 @@ async def open_master_key(
     next_path = path.with_name(master_key.NEXT_FILE_NAME)
     referenced = await _referenced_ids(sessions)
     if next_path.exists():
-        pending = master_key.load(next_path)
-        if referenced and referenced == {pending.key_id}:
-            log.warning("completing an interrupted master key rotation to %s", pending.key_id)
-            master_key.replace(next_path, path)
-        else:
-            log.warning("discarding %s from a rotation that did not commit", next_path)
-            next_path.unlink()
+        _settle_interrupted_rotation(path, next_path, referenced)
     if not path.exists():
         if referenced:
             raise ConfigurationError(
@@ -76,6 +71,33 @@ async def open_master_key(
             f"by {', '.join(sorted(unknown))}: this is not the database's master key file"
         )
     return key
+
+
+def _settle_interrupted_rotation(path: Path, next_path: Path, referenced: set[str]) -> None:
+    """Completes a rotation whose database commit happened, or discards one whose did not.
+
+    The new key file is fsynced before the database is re-sealed, so a file that does not parse
+    (torn write) cannot be the key the database names; it is discarded only when the database
+    needs nothing but the current key file, and never when that would leave a key missing.
+    """
+    try:
+        pending: MasterKey | None = master_key.load(next_path)
+    except ConfigurationError:
+        pending = None
+    if pending is not None and referenced and referenced == {pending.key_id}:
+        log.warning("completing an interrupted master key rotation to %s", pending.key_id)
+        master_key.replace(next_path, path)
+        return
+    current = master_key.load(path) if path.exists() else None
+    if referenced <= ({current.key_id} if current else set()):
+        log.warning("discarding %s from a master key rotation that did not commit", next_path)
+        next_path.unlink()
+        return
+    raise ConfigurationError(
+        f"{next_path} is left from an interrupted master key rotation, and neither it nor "
+        f"{path} holds every key the database names ({', '.join(sorted(referenced))}): "
+        "restore the master key file from your backup"
+    )
 
 
 async def rotate_master_key(

@@ -20,7 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from broker import janitor
+from broker import data_dir_lock, janitor
 from broker.api import key_broker_pb2 as pb
 from broker.api import key_broker_pb2_grpc as pb_grpc
 from broker.audit import AuditLog
@@ -103,6 +103,18 @@ async def serve(
     """Runs the broker until `stop` is set (see the module docstring)."""
     settings.check_listen()
     settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with data_dir_lock.locked(settings.data_dir, exclusive=False):
+        await _serve(settings, stop, migrate=migrate, now=now, task_status=task_status)
+
+
+async def _serve(
+    settings: Settings,
+    stop: anyio.Event,
+    *,
+    migrate: bool,
+    now: Callable[[], datetime],
+    task_status: TaskStatus[Running],
+) -> None:
     engine = create_engine(settings.database)
     try:
         if migrate:
@@ -137,6 +149,7 @@ async def serve(
             with anyio.CancelScope(shield=True):
                 await health_servicer.enter_graceful_shutdown()
                 await server.stop(settings.shutdown_grace.total_seconds())
+                await broker.service.detached.wait_all()
                 janitor_scope.cancel()
                 broker.audit.close()  # audit.run returns once everything pending is durable
         log.info("broker stopped; %d audit records committed", broker.audit.records_committed)

@@ -18,6 +18,7 @@ from broker.api import key_broker_pb2 as pb
 from broker.api import key_broker_pb2_grpc as pb_grpc
 from broker.audit import AuditEvent, AuditLog
 from broker.data_plane import DataKeys
+from broker.detached import DetachedWork
 from broker.errors import InvalidArgument, KeybrokerError
 from broker.identity import call_identity
 from broker.interceptors import status_proto
@@ -43,11 +44,14 @@ VERSION = "0.1.0"
 
 
 def audited(
-    operation: str, *, changes_state: bool = False
+    operation: str, *, changes_state: bool = False, hot_path: bool = False
 ) -> Callable[[Handler[Req, Resp]], Callable[[KeyBrokerService, Req, Context], Awaitable[Resp]]]:
     """Wraps a handler so that its call is audited exactly once, whatever its outcome.
 
     `changes_state`: on success the handler's transaction already holds the record.
+    `hot_path`: the handler runs in the RPC's task. Others touch SQL and run detached
+    (broker.detached), so a cancelled call still finishes its transaction and its record; the
+    data-key handlers need not: their only waits (a cache load, the audit group) are shielded.
     """
 
     def decorate(
@@ -57,6 +61,12 @@ def audited(
         async def handler(self: KeyBrokerService, request: Req, context: Context) -> Resp:
             caller, on_behalf_of, request_id = call_identity(context)
             event = AuditEvent(operation, caller, request_id, on_behalf_of)
+            work = run(self, request, context, event)
+            return await (work if hot_path else self.detached.run(work))
+
+        async def run(
+            self: KeyBrokerService, request: Req, context: Context, event: AuditEvent
+        ) -> Resp:
             try:
                 response = await fn(self, request, context, event)
             except KeybrokerError as exc:
@@ -90,6 +100,7 @@ class KeyBrokerService(pb_grpc.KeyBrokerServicer):
         self.data = data
         self.audit = audit
         self._status = status
+        self.detached = DetachedWork()
 
     # -- resources -------------------------------------------------------------------------
 
@@ -222,47 +233,50 @@ class KeyBrokerService(pb_grpc.KeyBrokerServicer):
 
     # -- data keys: the hot path -----------------------------------------------------------------
 
-    @audited("GenerateDataKey")
+    @audited("GenerateDataKey", hot_path=True)
     async def GenerateDataKey(
         self, request: pb.GenerateDataKeyRequest, context: Context, event: AuditEvent
     ) -> pb.GenerateDataKeyResponse:
-        event.resource = _object_for_audit(request.name)
-        key = await self.data.generate(request.name, request.associated_data)
+        obj = parse_object(request.name)
+        # Only a name that parsed reaches the audit trail: a NUL or an over-long name would fail
+        # the whole group commit on PostgreSQL.
+        event.resource = obj.name
+        key = await self.data.generate(obj, request.associated_data)
         event.key_ids.add(key.key_id)
         return pb.GenerateDataKeyResponse(
             plaintext_data_key=key.plaintext, wrapped_data_key=key.wrapped, key_id=key.key_id
         )
 
-    @audited("DecryptDataKey")
+    @audited("DecryptDataKey", hot_path=True)
     async def DecryptDataKey(
         self, request: pb.DecryptDataKeyRequest, context: Context, event: AuditEvent
     ) -> pb.DecryptDataKeyResponse:
-        event.resource = _object_for_audit(request.name)
+        obj = parse_object(request.name)
+        event.resource = obj.name
         plaintext, key_id = await self.data.decrypt(
-            request.name, request.wrapped_data_key, request.associated_data
+            obj, request.wrapped_data_key, request.associated_data
         )
         event.key_ids.add(key_id)
         return pb.DecryptDataKeyResponse(plaintext_data_key=plaintext, key_id=key_id)
 
-    @audited("RewrapDataKey")
+    @audited("RewrapDataKey", hot_path=True)
     async def RewrapDataKey(
         self, request: pb.RewrapDataKeyRequest, context: Context, event: AuditEvent
     ) -> pb.RewrapDataKeyResponse:
-        event.resource = _object_for_audit(request.name)
-        key = await self.data.rewrap(
-            request.name, request.wrapped_data_key, request.associated_data
-        )
+        obj = parse_object(request.name)
+        event.resource = obj.name
+        key = await self.data.rewrap(obj, request.wrapped_data_key, request.associated_data)
         event.key_ids.add(key.key_id)
         return pb.RewrapDataKeyResponse(
             wrapped_data_key=key.wrapped, key_id=key.key_id, rewrapped=key.rewrapped
         )
 
-    @audited("BatchGenerateDataKeys")
+    @audited("BatchGenerateDataKeys", hot_path=True)
     async def BatchGenerateDataKeys(
         self, request: pb.BatchGenerateDataKeysRequest, context: Context, event: AuditEvent
     ) -> pb.BatchGenerateDataKeysResponse:
         async def one(item: pb.GenerateDataKeyRequest) -> pb.GenerateDataKeyResult:
-            key = await self.data.generate(item.name, item.associated_data)
+            key = await self.data.generate(parse_object(item.name), item.associated_data)
             event.key_ids.add(key.key_id)
             return pb.GenerateDataKeyResult(
                 response=pb.GenerateDataKeyResponse(
@@ -275,13 +289,13 @@ class KeyBrokerService(pb_grpc.KeyBrokerServicer):
         results = await _batch(request.requests, one, _generate_failed, event)
         return pb.BatchGenerateDataKeysResponse(results=results)
 
-    @audited("BatchDecryptDataKeys")
+    @audited("BatchDecryptDataKeys", hot_path=True)
     async def BatchDecryptDataKeys(
         self, request: pb.BatchDecryptDataKeysRequest, context: Context, event: AuditEvent
     ) -> pb.BatchDecryptDataKeysResponse:
         async def one(item: pb.DecryptDataKeyRequest) -> pb.DecryptDataKeyResult:
             plaintext, key_id = await self.data.decrypt(
-                item.name, item.wrapped_data_key, item.associated_data
+                parse_object(item.name), item.wrapped_data_key, item.associated_data
             )
             event.key_ids.add(key_id)
             return pb.DecryptDataKeyResult(
@@ -291,12 +305,14 @@ class KeyBrokerService(pb_grpc.KeyBrokerServicer):
         results = await _batch(request.requests, one, _decrypt_failed, event)
         return pb.BatchDecryptDataKeysResponse(results=results)
 
-    @audited("BatchRewrapDataKeys")
+    @audited("BatchRewrapDataKeys", hot_path=True)
     async def BatchRewrapDataKeys(
         self, request: pb.BatchRewrapDataKeysRequest, context: Context, event: AuditEvent
     ) -> pb.BatchRewrapDataKeysResponse:
         async def one(item: pb.RewrapDataKeyRequest) -> pb.RewrapDataKeyResult:
-            key = await self.data.rewrap(item.name, item.wrapped_data_key, item.associated_data)
+            key = await self.data.rewrap(
+                parse_object(item.name), item.wrapped_data_key, item.associated_data
+            )
             event.key_ids.add(key.key_id)
             return pb.RewrapDataKeyResult(
                 response=pb.RewrapDataKeyResponse(
@@ -361,16 +377,6 @@ async def _batch(
             event.failed_count += 1
             results.append(failed(status_proto(exc)))
     return results
-
-
-def _object_for_audit(name: str) -> str | None:
-    """`name` if it is a well-formed object name, else None. Unvalidated input never reaches the
-    audit trail: an over-long name or a NUL would fail the whole group commit on PostgreSQL."""
-    try:
-        parse_object(name)
-    except KeybrokerError:
-        return None
-    return name
 
 
 def _resource_of(name: str) -> str | None:

@@ -309,3 +309,53 @@ async def test_cli_master_key_rotate(settings: Settings) -> None:
 
 def file_key_id_unchecked(path: Path) -> str:
     return master_key.decode_file(path.read_bytes(), path).key_id
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("db_kind", ["sqlite"], indirect=True)
+async def test_cli_rotation_is_refused_while_a_broker_runs_on_the_data_dir(
+    settings: Settings,
+) -> None:
+    # A live broker would keep sealing new root keys under the key that rotation retires.
+    async with running_broker(settings) as broker:
+        keys = await populate(broker, ["r1"])
+        old_id = broker.running.broker.master.key_id
+        args = ("--data-dir", str(settings.data_dir), "--database-url", settings.database)
+        code, _, err = await run_cli("master-key", "rotate", *args)
+        assert code == 2
+        assert "a keybroker server is running on" in err
+        assert file_key_id(settings.master_key_file) == old_id
+        await assert_decrypt(broker, keys)
+
+
+@pytest.mark.asyncio
+async def test_torn_next_file_is_discarded_when_the_database_needs_only_the_current_key(
+    settings: Settings,
+) -> None:
+    key_id, keys = await first_run(settings)
+    next_path = settings.master_key_file.with_name(master_key.NEXT_FILE_NAME)
+    next_path.write_bytes(b"KBMK\x01 torn")  # a crash in the middle of writing the new key
+    next_path.chmod(0o600)
+    async with running_broker(settings) as broker:
+        assert not next_path.exists()
+        assert await status_key_id(broker) == key_id
+        await assert_decrypt(broker, keys)
+
+
+@pytest.mark.asyncio
+async def test_next_file_is_kept_when_no_file_holds_the_database_key(
+    settings: Settings, tmp_path: Path
+) -> None:
+    await first_run(settings)
+    _, new_id, _ = await rotate_offline(settings)
+    # The database names the new key; master.key is lost and .next is damaged: refuse, and
+    # delete nothing.
+    next_path = settings.master_key_file.with_name(master_key.NEXT_FILE_NAME)
+    os.replace(settings.master_key_file, next_path)
+    damaged = bytearray(next_path.read_bytes())
+    damaged[-1] ^= 1
+    next_path.write_bytes(bytes(damaged))
+    message = await refused(settings)
+    assert "interrupted master key rotation" in message
+    assert new_id in message
+    assert next_path.exists()

@@ -4,13 +4,18 @@ status, and the audit record of every state change."""
 from __future__ import annotations
 
 import re
+import sqlite3
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 
+import asyncpg
 import grpc
 import pytest
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy import text
+from sqlalchemy.engine import make_url
 
 from broker.api import key_broker_pb2 as pb
 from broker.janitor import tick
@@ -468,3 +473,49 @@ async def test_every_state_change_writes_exactly_one_audit_row(broker: BrokerUnd
     assert rows[9]["key_ids"] == v1
     assert all(r["caller"].startswith("ipv4:127.0.0.1") for r in rows[:9])
     assert rows[9]["caller"] == rows[10]["caller"] == "keybroker-janitor"
+
+
+@asynccontextmanager
+async def database_write_lock(database_url: str) -> AsyncIterator[None]:
+    """Holds the database's write lock (SQLite) or the resources table (PostgreSQL) meanwhile."""
+    url = make_url(database_url)
+    if url.get_backend_name() == "sqlite":
+        conn = sqlite3.connect(str(url.database), isolation_level=None)
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        finally:
+            conn.execute("ROLLBACK")
+            conn.close()
+        return
+    pg = await asyncpg.connect(url.set(drivername="postgresql").render_as_string(False))
+    try:
+        async with pg.transaction():
+            await pg.execute("LOCK TABLE resources IN ACCESS EXCLUSIVE MODE")
+            yield
+    finally:
+        await pg.close()
+
+
+@pytest.mark.asyncio
+async def test_a_state_change_whose_caller_gives_up_still_completes_and_is_audited(
+    broker: BrokerUnderTest,
+) -> None:
+    # The deadline passes while the transaction waits for a lock: the RPC ends, the work does
+    # not. It commits once the lock is released, with its audit record; nothing is left
+    # half-done (a cancelled aiosqlite connection used to leave a close task that hung shutdown).
+    async with database_write_lock(broker.settings.database):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await broker.stub.CreateResource(
+                pb.CreateResourceRequest(resource_id="late"), timeout=0.5
+            )
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    await broker.running.broker.service.detached.wait_all()
+    got = await broker.stub.GetResource(pb.GetResourceRequest(name="resources/late"))
+    assert got.resource.state == pb.Resource.ACTIVE
+    audited = [
+        (r["operation"], r["outcome"])
+        for r in await audit_rows(broker.engine)
+        if r["resource"] == "resources/late"
+    ]
+    assert audited[0] == ("CreateResource", "OK")
