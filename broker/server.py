@@ -78,7 +78,17 @@ async def build_broker(
     lifecycle = Lifecycle(sessions, keys, audit, master, policy, now)
 
     def status() -> pb.GetStatusResponse:
-        return pb.GetStatusResponse(healthz="ok", version=VERSION, master_key_id=master.key_id)
+        counters = cache.counters
+        stats = pb.KeyCacheStats(
+            hits=counters.hits,
+            misses=counters.misses,
+            root_key_calls=counters.loads,
+            root_key_failures=counters.load_failures,
+            entries=len(cache),
+        )
+        return pb.GetStatusResponse(
+            healthz="ok", version=VERSION, master_key_id=master.key_id, key_cache=stats
+        )
 
     service = KeyBrokerService(lifecycle, DataKeys(keys), audit, status)
     return Broker(engine, sessions, master, audit, keys, lifecycle, service)

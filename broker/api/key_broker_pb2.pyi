@@ -1130,6 +1130,7 @@ class GetStatusResponse(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     MASTER_KEY_ID_FIELD_NUMBER: _builtins.int
     ENCRYPTION_FIELD_NUMBER: _builtins.int
+    KEY_CACHE_FIELD_NUMBER: _builtins.int
     healthz: _builtins.str
     """"ok" when the broker can serve data keys."""
     version: _builtins.str
@@ -1140,6 +1141,10 @@ class GetStatusResponse(_message.Message):
     def encryption(self) -> _containers.RepeatedCompositeFieldContainer[Global___PurposeEncryption]:
         """When name was given: that resource's encryption per purpose."""
 
+    @_builtins.property
+    def key_cache(self) -> Global___KeyCacheStats:
+        """This broker process's resource-key cache since it started."""
+
     def __init__(
         self,
         *,
@@ -1147,11 +1152,50 @@ class GetStatusResponse(_message.Message):
         version: _builtins.str = ...,
         master_key_id: _builtins.str = ...,
         encryption: _abc.Iterable[Global___PurposeEncryption] | None = ...,
+        key_cache: Global___KeyCacheStats | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["key_cache", b"key_cache"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["encryption", b"encryption", "healthz", b"healthz", "master_key_id", b"master_key_id", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["encryption", b"encryption", "healthz", b"healthz", "key_cache", b"key_cache", "master_key_id", b"master_key_id", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetStatusResponse: _TypeAlias = GetStatusResponse  # noqa: Y015
+
+@_typing.final
+class KeyCacheStats(_message.Message):
+    """Counters of one broker process's in-memory resource-key cache."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HITS_FIELD_NUMBER: _builtins.int
+    MISSES_FIELD_NUMBER: _builtins.int
+    ROOT_KEY_CALLS_FIELD_NUMBER: _builtins.int
+    ROOT_KEY_FAILURES_FIELD_NUMBER: _builtins.int
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    hits: _builtins.int
+    """Look-ups answered from memory."""
+    misses: _builtins.int
+    """Look-ups that found nothing fresh (and waited for a load)."""
+    root_key_calls: _builtins.int
+    """Loads: each one unwraps a resource key under its root key (one per key however many wait)."""
+    root_key_failures: _builtins.int
+    """Loads that failed."""
+    entries: _builtins.int
+    """Entries held now."""
+    def __init__(
+        self,
+        *,
+        hits: _builtins.int = ...,
+        misses: _builtins.int = ...,
+        root_key_calls: _builtins.int = ...,
+        root_key_failures: _builtins.int = ...,
+        entries: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries", "hits", b"hits", "misses", b"misses", "root_key_calls", b"root_key_calls", "root_key_failures", b"root_key_failures"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___KeyCacheStats: _TypeAlias = KeyCacheStats  # noqa: Y015
