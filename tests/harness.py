@@ -13,13 +13,14 @@ from typing import Any, cast
 
 import anyio
 import grpc
+import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from broker.api import key_broker_pb2_grpc as pb_grpc
-from broker.errors import ERROR_DOMAIN
+from broker.errors import ERROR_DOMAIN, ConfigurationError
 from broker.server import Running, serve
 from broker.settings import Settings
 
@@ -54,6 +55,14 @@ class BrokerUnderTest:
         return self.running.broker.engine
 
 
+async def refusal(settings: Settings) -> str:
+    """Starts a broker that must refuse to start; returns its ConfigurationError's message."""
+    with pytest.raises(ConfigurationError) as err:
+        async with running_broker(settings):
+            pass
+    return str(err.value)
+
+
 @asynccontextmanager
 async def running_broker(
     settings: Settings, clock: Clock | None = None, *, migrate: bool = False
@@ -72,7 +81,13 @@ async def running_broker(
     waiters: set[asyncio.Future[Any]] = {task, started}
     await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
     if not started.done():
-        task.result()  # raises what serve raised
+        error = task.exception()
+        # serve's failures arrive wrapped in its task group's exception group: unwrap lone ones
+        # so that tests see the ConfigurationError a user would see.
+        while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+            error = error.exceptions[0]
+        if error is not None:
+            raise error
         raise AssertionError("serve returned without starting")
     running = started.result()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")

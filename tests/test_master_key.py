@@ -22,10 +22,9 @@ from broker import master_key
 from broker.api import key_broker_pb2 as pb
 from broker.audit import AuditEvent, AuditLog
 from broker.db.engine import create_engine, session_factory
-from broker.errors import ConfigurationError
 from broker.master_keyring import rotate_master_key
 from broker.settings import Settings
-from tests.harness import BrokerUnderTest, audit_rows, running_broker
+from tests.harness import BrokerUnderTest, audit_rows, refusal, running_broker
 
 KEYBROKER = Path(sys.executable).with_name("keybroker")
 Keys = list[tuple[str, bytes, bytes]]  # (object name, wrapped, plaintext)
@@ -83,22 +82,6 @@ async def rotate_offline(settings: Settings) -> tuple[str, str, int]:
         await engine.dispose()
 
 
-def configuration_error(exc: BaseException) -> ConfigurationError:
-    """The one ConfigurationError in `exc` (running_broker re-raises serve's task group's group)."""
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    assert isinstance(exc, ConfigurationError), repr(exc)
-    return exc
-
-
-async def refused(settings: Settings) -> str:
-    """Starts a broker that must refuse to start; returns the message."""
-    with pytest.raises(BaseException) as err:  # noqa: PT011 - narrowed just below
-        async with running_broker(settings):
-            pass
-    return str(configuration_error(err.value))
-
-
 @pytest.mark.asyncio
 async def test_key_file_is_created_0600_on_first_start(settings: Settings) -> None:
     path = settings.master_key_file
@@ -117,11 +100,11 @@ async def test_group_readable_key_file_is_refused(settings: Settings) -> None:
     await first_run(settings)
     path = settings.master_key_file
     path.chmod(0o640)
-    message = await refused(settings)
+    message = await refusal(settings)
     assert str(path) in message
     assert "group or others" in message and "0640" in message
     path.chmod(0o604)
-    assert str(path) in await refused(settings)
+    assert str(path) in await refusal(settings)
     path.chmod(0o600)
     async with running_broker(settings):
         pass
@@ -133,7 +116,7 @@ async def test_missing_key_file_is_refused_when_the_database_holds_keys(
 ) -> None:
     old_id, _ = await first_run(settings)
     settings.master_key_file.unlink()
-    message = await refused(settings)
+    message = await refusal(settings)
     assert str(settings.master_key_file) in message
     assert "missing" in message and old_id in message
     assert not settings.master_key_file.exists()  # no new key was made in its place
@@ -149,11 +132,11 @@ async def test_tampered_key_file_is_refused(settings: Settings) -> None:
         damaged[offset] ^= 0x01
         path.write_bytes(bytes(damaged))
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
-        message = await refused(settings)
+        message = await refusal(settings)
         assert str(path) in message, offset
         assert "damaged" in message or "not a keybroker master key" in message
     path.write_bytes(original[:-1])
-    assert "not a keybroker master key" in await refused(settings)
+    assert "not a keybroker master key" in await refusal(settings)
     path.write_bytes(original)
     async with running_broker(settings):
         pass
@@ -165,7 +148,7 @@ async def test_a_valid_but_different_key_file_is_refused(settings: Settings) -> 
     path = settings.master_key_file
     path.unlink()
     new_id = master_key.write_new(path).key_id
-    message = await refused(settings)
+    message = await refusal(settings)
     assert str(path) in message
     assert new_id in message and old_id in message
     assert "not the database's master key file" in message
@@ -233,7 +216,7 @@ async def test_master_key_rotation(settings: Settings) -> None:
 
     # A copy of the old key file no longer opens the database.
     shutil.copy2(backup, settings.master_key_file)
-    message = await refused(settings)
+    message = await refusal(settings)
     assert old in message and new in message
 
 
@@ -355,7 +338,7 @@ async def test_next_file_is_kept_when_no_file_holds_the_database_key(
     damaged = bytearray(next_path.read_bytes())
     damaged[-1] ^= 1
     next_path.write_bytes(bytes(damaged))
-    message = await refused(settings)
+    message = await refusal(settings)
     assert "interrupted master key rotation" in message
     assert new_id in message
     assert next_path.exists()

@@ -23,7 +23,7 @@ from broker.db.engine import create_engine
 from broker.errors import ConfigurationError
 from broker.settings import Settings
 from tests.conftest import fresh_postgres, make_settings
-from tests.harness import running_broker, state_digest
+from tests.harness import refusal, running_broker, state_digest
 
 KEYBROKER = Path(sys.executable).with_name("keybroker")
 TABLES = {"resources", "key_rings", "key_versions", "audit_records"}
@@ -48,21 +48,6 @@ async def engine_for(database_url: str) -> AsyncIterator[AsyncEngine]:
         await engine.dispose()
 
 
-def configuration_error(exc: BaseException) -> ConfigurationError:
-    """The one ConfigurationError in `exc` (running_broker re-raises serve's task group's group)."""
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    assert isinstance(exc, ConfigurationError), repr(exc)
-    return exc
-
-
-async def refusal(data_dir: Path, url: str) -> str:
-    with pytest.raises(BaseException) as err:  # noqa: PT011 - narrowed just below
-        async with running_broker(make_settings(data_dir, url)):
-            pass
-    return str(configuration_error(err.value))
-
-
 async def tables(engine: AsyncEngine) -> set[str]:
     def read(conn: Connection) -> set[str]:
         return set(inspect(conn).get_table_names())
@@ -80,7 +65,7 @@ def alembic_config(conn: Connection) -> Config:
 
 @pytest.mark.asyncio
 async def test_an_unmigrated_database_is_refused(empty_url: str, tmp_path: Path) -> None:
-    message = await refusal(tmp_path / "data", empty_url)
+    message = await refusal(make_settings(tmp_path / "data", empty_url))
     assert "keybroker migrate" in message
     assert "empty database" in message and schema.head_revision() in message
     assert not (tmp_path / "data" / "master.key").exists()  # refused before touching keys
@@ -98,7 +83,7 @@ async def test_an_unknown_newer_revision_is_refused(
 ) -> None:
     async with engine_for.begin() as conn:
         await conn.execute(text("UPDATE alembic_version SET version_num = '9999'"))
-    message = await refusal(tmp_path / "data", database_url)
+    message = await refusal(make_settings(tmp_path / "data", database_url))
     assert "9999" in message
     assert "does not know" in message and "upgrade keybroker" in message
     assert "keybroker migrate" not in message  # migrating would not help
