@@ -10,7 +10,7 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from broker.api import key_broker_pb2 as pb
-from broker.db.models import KeyRingRow, KeyVersionRow, ResourceRow
+from broker.db.models import CustomerKeyRow, KeyRingRow, KeyVersionRow, ResourceRow
 from broker.errors import InvalidArgument
 from broker.limits import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from broker.names import Purpose, key_version_name, resource_name
@@ -46,7 +46,28 @@ def purpose_encryption(ring: KeyRingRow) -> pb.PurposeEncryption:
     )
 
 
-def resource(row: ResourceRow, rings: list[KeyRingRow] | tuple[KeyRingRow, ...]) -> pb.Resource:
+def customer_managed_key(row: CustomerKeyRow) -> pb.CustomerManagedKey:
+    reference = pb.CustomerKeyReference(
+        provider=row.provider,
+        vault=row.vault,
+        key_name=row.key_name,
+        version=row.version,
+        identity=row.identity,
+    )
+    return pb.CustomerManagedKey(
+        key=reference,
+        follow_latest=row.follow_latest,
+        key_id=f"{row.provider}:{row.vault}/{row.key_name}/{row.version}",
+        scope=[PURPOSES[Purpose(p)] for p in row.scope.split(",")],
+        enable_time=timestamp(row.enable_time),
+    )
+
+
+def resource(
+    row: ResourceRow,
+    rings: list[KeyRingRow] | tuple[KeyRingRow, ...],
+    customer_key: CustomerKeyRow | None = None,
+) -> pb.Resource:
     message = pb.Resource(
         name=resource_name(row.id),
         create_time=timestamp(row.create_time),
@@ -59,6 +80,8 @@ def resource(row: ResourceRow, rings: list[KeyRingRow] | tuple[KeyRingRow, ...])
         message.destroy_time.CopyFrom(timestamp(row.destroy_time))
     if row.state != "destroyed":
         message.encryption.extend(purpose_encryption(r) for r in rings)
+    if customer_key is not None:
+        message.customer_managed_key.CopyFrom(customer_managed_key(customer_key))
     return message
 
 

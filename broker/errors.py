@@ -70,5 +70,15 @@ class DecryptionFailed(InvalidArgument):
         super().__init__("DECRYPTION_FAILED", DECRYPTION_FAILED_MESSAGE)
 
 
+class StoredKeyCorrupt(KeybrokerError):
+    """Stored key material failed to authenticate: the database (or a key file) was damaged or
+    tampered with. Not the caller's fault, and nothing is said about which layer failed."""
+
+    code = grpc.StatusCode.DATA_LOSS
+
+    def __init__(self) -> None:
+        super().__init__("STORED_KEY_CORRUPT", "stored key material failed to authenticate")
+
+
 class ConfigurationError(Exception):
     """The broker cannot start with these settings or this data directory; the message says why."""

@@ -13,6 +13,7 @@ import anyio
 from sqlalchemy.exc import SQLAlchemyError
 
 from broker.audit import AuditEvent
+from broker.cmk import CustomerKeys
 from broker.errors import KeybrokerError
 from broker.lifecycle import Lifecycle
 
@@ -25,10 +26,17 @@ def janitor_event(operation: str, resource: str) -> AuditEvent:
     return AuditEvent(operation, CALLER, f"janitor-{anyio.current_time():.0f}", resource=resource)
 
 
-async def tick(lifecycle: Lifecycle) -> tuple[int, int, int]:
-    """One pass: (versions destroyed, resources destroyed, keys rotated)."""
+async def tick(
+    lifecycle: Lifecycle, customer_keys: CustomerKeys | None = None
+) -> tuple[int, int, int]:
+    """One pass: (versions destroyed, resources destroyed, keys rotated).
+
+    Rotation counts resource keys rotated by age and resources moved to their customer key's
+    latest version."""
     versions, resources = await lifecycle.destroy_due(janitor_event)
     rotated = await lifecycle.rotate_due(janitor_event)
+    if customer_keys is not None:
+        rotated += await customer_keys.poll_latest(janitor_event)
     if versions or resources or rotated:
         log.info(
             "janitor: destroyed %d key versions and %d resources, rotated %d keys",
@@ -39,7 +47,7 @@ async def tick(lifecycle: Lifecycle) -> tuple[int, int, int]:
     return versions, resources, rotated
 
 
-async def run(lifecycle: Lifecycle, interval: timedelta) -> None:
+async def run(lifecycle: Lifecycle, customer_keys: CustomerKeys, interval: timedelta) -> None:
     """Ticks every `interval` until cancelled."""
     while True:
         try:
@@ -47,7 +55,7 @@ async def run(lifecycle: Lifecycle, interval: timedelta) -> None:
             # half-closed (with aiosqlite, a close task that never finishes, which hangs the
             # event loop's shutdown). Shutdown waits for the pass, as it does for in-flight calls.
             with anyio.CancelScope(shield=True):
-                await tick(lifecycle)
+                await tick(lifecycle, customer_keys)
         except (SQLAlchemyError, OSError, KeybrokerError):
             log.exception("janitor pass failed; retrying at the next tick")
         await anyio.sleep(interval.total_seconds())

@@ -103,9 +103,15 @@ class KeyCache(Generic[K, V]):
         while len(self._entries) > self._max:
             self._entries.popitem(last=False)
 
-    def invalidate(self, predicate: Callable[[K], bool]) -> int:
-        """Drops every entry whose key matches; returns how many. For state changes (rare)."""
-        doomed = [k for k in self._entries if predicate(k)]
+    def invalidate(self, predicate: Callable[[K], bool], *, failures_too: bool = True) -> int:
+        """Drops every entry whose key matches; returns how many. For state changes (rare).
+
+        `failures_too=False` keeps remembered failures (when one failure is the news)."""
+        doomed = [
+            k
+            for k, (_, value) in self._entries.items()
+            if predicate(k) and (failures_too or not isinstance(value, _Failure))
+        ]
         for k in doomed:
             del self._entries[k]
         return len(doomed)

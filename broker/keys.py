@@ -16,11 +16,13 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESGCMSIV
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from broker import sealing
-from broker.db.models import KeyRingRow, KeyVersionRow, ResourceRow
-from broker.errors import FailedPrecondition, KeybrokerError, NotFound
+from broker.db.models import CustomerKeyRow, KeyRingRow, KeyVersionRow, ResourceRow
+from broker.errors import FailedPrecondition, KeybrokerError, NotFound, StoredKeyCorrupt
 from broker.key_cache import KeyCache
 from broker.master_key import MasterKey
 from broker.names import Purpose, key_version_name, resource_name
+from broker.providers import KeyReference
+from broker.root_keys import CustomerKeyUnavailable, ProviderRegistry, Root
 
 log = logging.getLogger(__name__)
 
@@ -28,13 +30,6 @@ ROOT_KEY_LABEL = b"root-key"
 RESOURCE_KEY_LABEL = b"resource-key"
 MAX_STORED_VERSION = 2**31 - 1
 """Highest version an SQL INTEGER column holds; a wrapped key may name any uint32."""
-
-
-class StoredKeyCorrupt(KeybrokerError):
-    """Stored key material failed to authenticate: the database or master key was tampered with."""
-
-    def __init__(self) -> None:
-        super().__init__("INTERNAL", "internal error")
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,10 +88,12 @@ class KeyStore:
         sessions: async_sessionmaker[AsyncSession],
         master_keys: Mapping[str, MasterKey],
         cache: KeyCache[tuple[str, str, int], UsableKey],
+        providers: ProviderRegistry,
     ) -> None:
         self._sessions = sessions
         self._master_keys = master_keys
         self.cache = cache
+        self.providers = providers
 
     async def current(self, resource_id: str, purpose: Purpose) -> UsableKey:
         """The version that wraps new data keys (version 0 in the cache key means "current")."""
@@ -130,16 +127,40 @@ class KeyStore:
                 if version <= MAX_STORED_VERSION
                 else None
             )
+            customer_key = await session.get(CustomerKeyRow, resource_id)
+        # The session is closed before any call to the customer's vault.
         name = key_version_name(resource_id, purpose, version)
         if row is None:
             raise NotFound("KEY_VERSION_NOT_FOUND", f"{name} does not exist")
         refusal = resource_refusal(resource) or version_refusal(row, name)
         if refusal is not None:
             return UsableKey(version, name, None, refusal)
-        root = self.open_root(resource)
+        service_root = self.open_root(resource)
         assert row.wrapped_key is not None
-        key = open_resource_key(root, row)
+        customer = customer_reference(customer_key) if customer_key else None
+        root = self.root_of(resource_id, row.root_key_id, customer)
+        try:
+            sealed = await root.unprotect(row.wrapped_key)
+        except CustomerKeyUnavailable:
+            # Revocation seen here reaches every cached key of the resource at once (the
+            # failures already remembered stay, so the vault is not asked again for them).
+            self.cache.invalidate(lambda k: k[0] == resource_id, failures_too=False)
+            raise
+        key = open_resource_key(service_root, row, sealed)
         return UsableKey(version, name, AESGCMSIV(key), None)
+
+    def root_of(
+        self, resource_id: str, root_key_id: str | None, customer: KeyReference | None
+    ) -> Root:
+        """The root named by a version's `root_key_id`: the service seal alone, or the
+        customer's key recorded for the resource (which must be the very version named)."""
+        resource = resource_name(resource_id)
+        if root_key_id == service_root_key_id(resource_id):
+            return Root(root_key_id, resource)
+        if customer is None or root_key_id != customer.key_id:
+            log.error("version of %s names root %s, which is not its key", resource, root_key_id)
+            raise StoredKeyCorrupt
+        return Root(customer.key_id, resource, customer, self.providers.get(customer.provider))
 
     def open_root(self, resource: ResourceRow) -> AESGCM:
         """Unseals a resource's service-managed root key with the master key that sealed it."""
@@ -161,12 +182,15 @@ class KeyStore:
         return AESGCM(root)
 
 
-def open_resource_key(root: AESGCM, row: KeyVersionRow) -> bytes:
-    """Unseals one resource-key version under its (service-managed) root."""
-    assert row.wrapped_key is not None
+def customer_reference(row: CustomerKeyRow) -> KeyReference:
+    return KeyReference(row.provider, row.vault, row.key_name, row.version, row.identity)
+
+
+def open_resource_key(service_root: AESGCM, row: KeyVersionRow, sealed: bytes) -> bytes:
+    """Unseals one resource-key version's service seal under the resource's service root."""
     context = resource_key_context(row.resource_id, Purpose(row.purpose), row.version)
     try:
-        return sealing.unseal(root, row.wrapped_key, RESOURCE_KEY_LABEL, context)
+        return sealing.unseal(service_root, sealed, RESOURCE_KEY_LABEL, context)
     except sealing.UnsealError:
         log.error(
             "resource key %s/%s/v%d failed to authenticate",

@@ -18,18 +18,19 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from broker import sealing
 from broker.audit import AuditEvent, AuditLog
-from broker.db.models import KeyRingRow, KeyVersionRow, ResourceRow
+from broker.db.models import CustomerKeyRow, KeyRingRow, KeyVersionRow, ResourceRow
 from broker.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from broker.keys import (
     RESOURCE_KEY_LABEL,
     ROOT_KEY_LABEL,
     KeyStore,
+    customer_reference,
     resource_key_context,
     resource_not_found,
     root_context,
@@ -37,6 +38,7 @@ from broker.keys import (
 )
 from broker.master_key import MasterKey
 from broker.names import KeyVersionName, Purpose, key_version_name, resource_name
+from broker.root_keys import Root
 
 KEY_SIZE = 32
 
@@ -47,6 +49,7 @@ class ResourceView:
 
     resource: ResourceRow
     rings: Sequence[KeyRingRow]
+    customer_key: CustomerKeyRow | None = None
 
 
 @dataclass(frozen=True)
@@ -109,9 +112,11 @@ class Lifecycle:
             )
             for purpose in Purpose
         ]
-        root_aead = AESGCM(root)
+        service_root = AESGCM(root)
+        plain = Root(service_root_key_id(resource_id), resource_name(resource_id))
         versions = [
-            self._new_version(root_aead, resource_id, purpose, 1, now) for purpose in Purpose
+            await self.new_version(service_root, plain, resource_id, purpose, 1, now)
+            for purpose in Purpose
         ]
         event.key_ids.update(key_version_name(resource_id, p, 1) for p in Purpose)
         try:
@@ -134,7 +139,9 @@ class Lifecycle:
             resource = await session.get(ResourceRow, resource_id)
             if resource is None:
                 raise resource_not_found(resource_id)
-            return ResourceView(resource, await _rings(session, resource_id))
+            rings = await _rings(session, resource_id)
+            customer_key = await session.get(CustomerKeyRow, resource_id)
+            return ResourceView(resource, rings, customer_key)
 
     async def list_resources(self, after: str, limit: int) -> list[ResourceView]:
         """Resources with id > after, in id order, at most `limit`."""
@@ -155,10 +162,16 @@ class Lifecycle:
                     .order_by(KeyRingRow.resource_id, KeyRingRow.purpose)
                 )
             ).all()
+            customer_keys = {
+                c.resource_id: c
+                for c in await session.scalars(
+                    select(CustomerKeyRow).where(CustomerKeyRow.resource_id.in_(ids))
+                )
+            }
         by_id: dict[str, list[KeyRingRow]] = {i: [] for i in ids}
         for ring in rings:
             by_id[ring.resource_id].append(ring)
-        return [ResourceView(r, by_id[r.id]) for r in rows]
+        return [ResourceView(r, by_id[r.id], customer_keys.get(r.id)) for r in rows]
 
     async def delete_resource(
         self, resource_id: str, window: timedelta | None, event: AuditEvent
@@ -179,8 +192,9 @@ class Lifecycle:
                 await _destroy_resource(session, resource, now)
             await self._audit.record_in(session, event)
             rings = await _rings(session, resource_id)
+            customer_key = await session.get(CustomerKeyRow, resource_id)
         self._keys.forget(resource_id)
-        return ResourceView(resource, rings)
+        return ResourceView(resource, rings, customer_key)
 
     async def undelete_resource(self, resource_id: str, event: AuditEvent) -> ResourceView:
         async with self._sessions.begin() as session:
@@ -194,8 +208,9 @@ class Lifecycle:
             resource.purge_time = None
             await self._audit.record_in(session, event)
             rings = await _rings(session, resource_id)
+            customer_key = await session.get(CustomerKeyRow, resource_id)
         self._keys.forget(resource_id)
-        return ResourceView(resource, rings)
+        return ResourceView(resource, rings, customer_key)
 
     # -- resource keys ---------------------------------------------------------------------
 
@@ -210,8 +225,13 @@ class Lifecycle:
                 )
             ring = await session.get(KeyRingRow, (resource_id, purpose.value), with_for_update=True)
             assert ring is not None
-            root = self._keys.open_root(resource)
-            row = self._new_version(root, resource_id, purpose, ring.current_version + 1, now)
+            customer_key = await session.get(CustomerKeyRow, resource_id)
+            customer = customer_reference(customer_key) if customer_key else None
+            root = self._keys.root_of(resource_id, ring.root_key_id, customer)
+            service_root = self._keys.open_root(resource)
+            row = await self.new_version(
+                service_root, root, resource_id, purpose, ring.current_version + 1, now
+            )
             session.add(row)
             ring.current_version = row.version
             ring.rotation_time = now + self._policy.rotation_period
@@ -376,22 +396,30 @@ class Lifecycle:
             )
         return window
 
-    def _new_version(
-        self, root: AESGCM, resource_id: str, purpose: Purpose, version: int, now: datetime
+    async def new_version(
+        self,
+        service_root: AESGCM,
+        root: Root,
+        resource_id: str,
+        purpose: Purpose,
+        version: int,
+        now: datetime,
     ) -> KeyVersionRow:
+        """A fresh resource-key version: sealed by the service root, stored under `root`."""
+        sealed = sealing.seal(
+            service_root,
+            os.urandom(KEY_SIZE),
+            RESOURCE_KEY_LABEL,
+            resource_key_context(resource_id, purpose, version),
+        )
         return KeyVersionRow(
             resource_id=resource_id,
             purpose=purpose.value,
             version=version,
             state="enabled",
             create_time=now,
-            wrapped_key=sealing.seal(
-                root,
-                os.urandom(KEY_SIZE),
-                RESOURCE_KEY_LABEL,
-                resource_key_context(resource_id, purpose, version),
-            ),
-            root_key_id=service_root_key_id(resource_id),
+            wrapped_key=await root.protect(sealed),
+            root_key_id=root.key_id,
         )
 
 
@@ -442,6 +470,7 @@ async def _destroy_resource(session: AsyncSession, resource: ResourceRow, now: d
     resource.root_key_sealed = None
     resource.master_key_id = None
     resource.destroy_time = now
+    await session.execute(delete(CustomerKeyRow).where(CustomerKeyRow.resource_id == resource.id))
     await session.execute(
         update(KeyVersionRow)
         .where(KeyVersionRow.resource_id == resource.id, KeyVersionRow.state != "destroyed")

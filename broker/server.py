@@ -24,15 +24,18 @@ from broker import data_dir_lock, janitor
 from broker.api import key_broker_pb2 as pb
 from broker.api import key_broker_pb2_grpc as pb_grpc
 from broker.audit import AuditLog
+from broker.cmk import CustomerKeys
 from broker.data_plane import DataKeys
 from broker.db import schema
 from broker.db.engine import create_engine, session_factory
+from broker.errors import Unavailable
 from broker.interceptors import ErrorInterceptor
 from broker.key_cache import KeyCache
 from broker.keys import KeyStore, UsableKey
 from broker.lifecycle import Lifecycle, LifecyclePolicy
 from broker.master_key import MasterKey
 from broker.master_keyring import open_master_key
+from broker.root_keys import CustomerKeyUnavailable, ProviderRegistry, registry_from_settings
 from broker.service import VERSION, KeyBrokerService
 from broker.settings import Settings
 
@@ -55,20 +58,30 @@ class Broker:
     audit: AuditLog
     keys: KeyStore
     lifecycle: Lifecycle
+    customer_keys: CustomerKeys
     service: KeyBrokerService
 
 
 async def build_broker(
-    settings: Settings, engine: AsyncEngine, now: Callable[[], datetime] = utc_now
+    settings: Settings,
+    engine: AsyncEngine,
+    now: Callable[[], datetime] = utc_now,
+    providers: ProviderRegistry | None = None,
 ) -> Broker:
     """Builds the broker over a migrated database (checks the master key against it)."""
     sessions = session_factory(engine)
     master = await open_master_key(settings, sessions)
     audit = AuditLog(engine, max_pending=settings.audit_max_pending)
     cache: KeyCache[tuple[str, str, int], UsableKey] = KeyCache(
-        ttl=settings.cache_ttl.total_seconds(), max_entries=settings.cache_max_entries
+        ttl=settings.cache_ttl.total_seconds(),
+        max_entries=settings.cache_max_entries,
+        failure_ttl=settings.cmk_failure_ttl.total_seconds(),
+        # A revoked or unreachable customer key is asked again only after failure_ttl.
+        remember_failure=lambda exc: isinstance(exc, CustomerKeyUnavailable | Unavailable),
     )
-    keys = KeyStore(sessions, {master.key_id: master}, cache)
+    keys = KeyStore(
+        sessions, {master.key_id: master}, cache, providers or registry_from_settings(settings)
+    )
     policy = LifecyclePolicy(
         rotation_period=settings.rotation_period,
         default_pending_window=settings.pending_window,
@@ -90,8 +103,11 @@ async def build_broker(
             healthz="ok", version=VERSION, master_key_id=master.key_id, key_cache=stats
         )
 
-    service = KeyBrokerService(lifecycle, DataKeys(keys), audit, status)
-    return Broker(engine, sessions, master, audit, keys, lifecycle, service)
+    customer_keys = CustomerKeys(
+        sessions, keys, lifecycle, audit, settings.cmk_cutoff, settings.cmk_poll_interval, now
+    )
+    service = KeyBrokerService(lifecycle, customer_keys, DataKeys(keys), audit, status)
+    return Broker(engine, sessions, master, audit, keys, lifecycle, customer_keys, service)
 
 
 @dataclass(frozen=True)
@@ -149,7 +165,9 @@ async def _serve(
 
             async def run_janitor() -> None:
                 with janitor_scope:
-                    await janitor.run(broker.lifecycle, settings.janitor_interval)
+                    await janitor.run(
+                        broker.lifecycle, broker.customer_keys, settings.janitor_interval
+                    )
 
             tg.start_soon(run_janitor)
             log.info("broker listening on %s (port %d)", settings.listen, port)

@@ -17,6 +17,7 @@ from broker import convert
 from broker.api import key_broker_pb2 as pb
 from broker.api import key_broker_pb2_grpc as pb_grpc
 from broker.audit import AuditEvent, AuditLog
+from broker.cmk import FULL_SCOPE, LEGACY_SCOPE, CustomerKeys, check_reference
 from broker.data_plane import DataKeys
 from broker.detached import DetachedWork
 from broker.errors import InvalidArgument, KeybrokerError
@@ -32,6 +33,7 @@ from broker.names import (
     parse_resource_key,
     resource_name,
 )
+from broker.providers import KeyReference
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -92,11 +94,13 @@ class KeyBrokerService(pb_grpc.KeyBrokerServicer):
     def __init__(
         self,
         lifecycle: Lifecycle,
+        customer_keys: CustomerKeys,
         data: DataKeys,
         audit: AuditLog,
         status: Callable[[], pb.GetStatusResponse],
     ) -> None:
         self.lifecycle = lifecycle
+        self.customer_keys = customer_keys
         self.data = data
         self.audit = audit
         self._status = status
@@ -121,9 +125,30 @@ class KeyBrokerService(pb_grpc.KeyBrokerServicer):
         event.resource = resource_name(resource_id)
         if not request.HasField("create_time"):
             raise InvalidArgument("MISSING_FIELD", "create_time is required")
-        view = await self.lifecycle.create_resource(
-            resource_id, event, create_time=convert.create_time(request.create_time)
-        )
+        create_time = convert.create_time(request.create_time)
+        reference = None
+        if request.HasField("customer_managed_key"):
+            reference = _reference(request.customer_managed_key, follow_latest=False)
+            # Check the key before anything is created, so a refusal leaves nothing behind.
+            reference = await self.customer_keys.check_key(reference)
+        elif request.legacy_customer_managed_key_scope:
+            raise InvalidArgument(
+                "INVALID_ARGUMENT",
+                "legacy_customer_managed_key_scope needs customer_managed_key",
+            )
+        view = await self.lifecycle.create_resource(resource_id, event, create_time=create_time)
+        if reference is not None:
+            scope = LEGACY_SCOPE if request.legacy_customer_managed_key_scope else FULL_SCOPE
+            cmk_event = AuditEvent(
+                "EnableCustomerManagedKey",
+                event.caller,
+                event.request_id,
+                event.on_behalf_of,
+                resource=event.resource,
+            )
+            view = await self.customer_keys.enable(
+                resource_id, reference, False, cmk_event, scope=scope
+            )
         return pb.ImportResourceResponse(resource=_resource(view))
 
     @audited("GetResource")
@@ -167,6 +192,37 @@ class KeyBrokerService(pb_grpc.KeyBrokerServicer):
         event.resource = request.name
         view = await self.lifecycle.undelete_resource(resource_id, event)
         return pb.UndeleteResourceResponse(resource=_resource(view))
+
+    # -- customer-managed keys -------------------------------------------------------------
+
+    @audited("EnableCustomerManagedKey", changes_state=True)
+    async def EnableCustomerManagedKey(
+        self, request: pb.EnableCustomerManagedKeyRequest, context: Context, event: AuditEvent
+    ) -> pb.EnableCustomerManagedKeyResponse:
+        resource_id = parse_resource(request.name)
+        event.resource = request.name
+        reference = _reference(request.key, request.follow_latest)
+        view = await self.customer_keys.enable(resource_id, reference, request.follow_latest, event)
+        return pb.EnableCustomerManagedKeyResponse(resource=_resource(view))
+
+    @audited("UpdateCustomerManagedKey", changes_state=True)
+    async def UpdateCustomerManagedKey(
+        self, request: pb.UpdateCustomerManagedKeyRequest, context: Context, event: AuditEvent
+    ) -> pb.UpdateCustomerManagedKeyResponse:
+        resource_id = parse_resource(request.name)
+        event.resource = request.name
+        reference = _reference(request.key, request.follow_latest)
+        view = await self.customer_keys.update(resource_id, reference, request.follow_latest, event)
+        return pb.UpdateCustomerManagedKeyResponse(resource=_resource(view))
+
+    @audited("DisableCustomerManagedKey", changes_state=True)
+    async def DisableCustomerManagedKey(
+        self, request: pb.DisableCustomerManagedKeyRequest, context: Context, event: AuditEvent
+    ) -> pb.DisableCustomerManagedKeyResponse:
+        resource_id = parse_resource(request.name)
+        event.resource = request.name
+        view = await self.customer_keys.disable(resource_id, event)
+        return pb.DisableCustomerManagedKeyResponse(resource=_resource(view))
 
     # -- resource keys ---------------------------------------------------------------------
 
@@ -339,7 +395,13 @@ class KeyBrokerService(pb_grpc.KeyBrokerServicer):
 
 
 def _resource(view: ResourceView) -> pb.Resource:
-    return convert.resource(view.resource, tuple(view.rings))
+    return convert.resource(view.resource, tuple(view.rings), view.customer_key)
+
+
+def _reference(key: pb.CustomerKeyReference, follow_latest: bool) -> KeyReference:
+    return check_reference(
+        key.provider, key.vault, key.key_name, key.version, key.identity, follow_latest
+    )
 
 
 def _generate_failed(status: Any) -> pb.GenerateDataKeyResult:

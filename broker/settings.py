@@ -8,7 +8,7 @@ import ipaddress
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
-from datetime import timedelta
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,22 @@ class Settings:
     shutdown_grace: timedelta = timedelta(seconds=10)
     audit_max_pending: int = 10_000
     log_level: str = "INFO"
+    # Customer-managed keys.
+    # Resources created before this day cannot enable CMK (the seed's 2020-05-11).
+    cmk_cutoff: date = date(2020, 5, 11)
+    # How often keys that follow their latest version are checked.
+    cmk_poll_interval: timedelta = timedelta(hours=1)
+    # How long a failed root-key call is remembered (so a revoked key is not hammered).
+    cmk_failure_ttl: timedelta = timedelta(seconds=10)
+    # Offer the file-backed dev vault ("dev-vault" provider; `keybroker up` turns it on).
+    dev_vault: bool = False
+    # PKCS#11 provider: the module (e.g. /usr/lib/softhsm/libsofthsm2.so) and the user PIN.
+    pkcs11_module: str = ""
+    pkcs11_pin: str = ""
+    # RSA-OAEP with SHA-1 (for tokens without OAEP-SHA256, such as SoftHSM 2.6); off by default.
+    pkcs11_allow_oaep_sha1: bool = False
+    # Azure Key Vault: a CA bundle to trust instead of the system's (a private endpoint's CA).
+    azure_ca_bundle: str = ""
 
     @property
     def master_key_file(self) -> Path:
@@ -80,6 +96,15 @@ class Settings:
 
 
 def _convert(name: str, raw: str, default: Any) -> Any:
+    if isinstance(default, bool):
+        if raw.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+            raise ConfigurationError(f"{name} must be true or false, got {raw!r}")
+        return raw.lower() in ("1", "true", "yes", "on")
+    if isinstance(default, date):
+        try:
+            return date.fromisoformat(raw)
+        except ValueError:
+            raise ConfigurationError(f"{name} must be a date (YYYY-MM-DD), got {raw!r}") from None
     if isinstance(default, timedelta):
         return parse_duration(raw)
     if isinstance(default, Path):

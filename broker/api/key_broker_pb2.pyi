@@ -114,6 +114,7 @@ class Resource(_message.Message):
     DESTROY_TIME_FIELD_NUMBER: _builtins.int
     IMPORTED_FIELD_NUMBER: _builtins.int
     ENCRYPTION_FIELD_NUMBER: _builtins.int
+    CUSTOMER_MANAGED_KEY_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Output only. resources/{resource}."""
     state: Global___Resource.State.ValueType
@@ -136,6 +137,10 @@ class Resource(_message.Message):
     def encryption(self) -> _containers.RepeatedCompositeFieldContainer[Global___PurposeEncryption]:
         """Output only. One entry per purpose, in purpose order."""
 
+    @_builtins.property
+    def customer_managed_key(self) -> Global___CustomerManagedKey:
+        """Output only. Set while a customer-managed key is enabled."""
+
     def __init__(
         self,
         *,
@@ -146,14 +151,103 @@ class Resource(_message.Message):
         destroy_time: _timestamp_pb2.Timestamp | None = ...,
         imported: _builtins.bool = ...,
         encryption: _abc.Iterable[Global___PurposeEncryption] | None = ...,
+        customer_managed_key: Global___CustomerManagedKey | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "destroy_time", b"destroy_time", "purge_time", b"purge_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "customer_managed_key", b"customer_managed_key", "destroy_time", b"destroy_time", "purge_time", b"purge_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "destroy_time", b"destroy_time", "encryption", b"encryption", "imported", b"imported", "name", b"name", "purge_time", b"purge_time", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "customer_managed_key", b"customer_managed_key", "destroy_time", b"destroy_time", "encryption", b"encryption", "imported", b"imported", "name", b"name", "purge_time", b"purge_time", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Resource: _TypeAlias = Resource  # noqa: Y015
+
+@_typing.final
+class CustomerKeyReference(_message.Message):
+    """Names a key in the customer's key vault or HSM."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    VAULT_FIELD_NUMBER: _builtins.int
+    KEY_NAME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    IDENTITY_FIELD_NUMBER: _builtins.int
+    provider: _builtins.str
+    """Required. "pkcs11", "azure-keyvault" or "dev-vault"."""
+    vault: _builtins.str
+    """Required. pkcs11: the token label; azure-keyvault: the vault or managed HSM URL
+    (https://NAME.vault.azure.net); dev-vault: "dev".
+    """
+    key_name: _builtins.str
+    """Required. The key's name (pkcs11: CKA_LABEL)."""
+    version: _builtins.str
+    """Optional. The key version (pkcs11: CKA_ID in hex). Required unless follow_latest is set."""
+    identity: _builtins.str
+    """Optional. The identity the broker acts as (azure-keyvault: a user-assigned managed
+    identity's client id); empty means the broker's default identity.
+    """
+    def __init__(
+        self,
+        *,
+        provider: _builtins.str = ...,
+        vault: _builtins.str = ...,
+        key_name: _builtins.str = ...,
+        version: _builtins.str = ...,
+        identity: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["identity", b"identity", "key_name", b"key_name", "provider", b"provider", "vault", b"vault", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CustomerKeyReference: _TypeAlias = CustomerKeyReference  # noqa: Y015
+
+@_typing.final
+class CustomerManagedKey(_message.Message):
+    """A resource's customer-managed key settings."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    FOLLOW_LATEST_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
+    ENABLE_TIME_FIELD_NUMBER: _builtins.int
+    follow_latest: _builtins.bool
+    """Output only. True when the broker moves to the key's latest version by itself."""
+    key_id: _builtins.str
+    """Output only. Versioned id of the key in use ("provider:vault/key/version")."""
+    @_builtins.property
+    def key(self) -> Global___CustomerKeyReference:
+        """Output only. The key, with the version in use."""
+
+    @_builtins.property
+    def scope(self) -> _containers.RepeatedScalarFieldContainer[Global___Purpose.ValueType]:
+        """Output only. The purposes the key protects: MODELS and RESULTS, or MODELS alone for a
+        resource imported with the legacy scope (disable and enable again to upgrade it).
+        """
+
+    @_builtins.property
+    def enable_time(self) -> _timestamp_pb2.Timestamp:
+        """Output only. When the customer-managed key was enabled."""
+
+    def __init__(
+        self,
+        *,
+        key: Global___CustomerKeyReference | None = ...,
+        follow_latest: _builtins.bool = ...,
+        key_id: _builtins.str = ...,
+        scope: _abc.Iterable[Global___Purpose.ValueType] | None = ...,
+        enable_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["enable_time", b"enable_time", "key", b"key"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["enable_time", b"enable_time", "follow_latest", b"follow_latest", "key", b"key", "key_id", b"key_id", "scope", b"scope"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CustomerManagedKey: _TypeAlias = CustomerManagedKey  # noqa: Y015
 
 @_typing.final
 class PurposeEncryption(_message.Message):
@@ -326,21 +420,33 @@ class ImportResourceRequest(_message.Message):
 
     RESOURCE_ID_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
+    CUSTOMER_MANAGED_KEY_FIELD_NUMBER: _builtins.int
+    LEGACY_CUSTOMER_MANAGED_KEY_SCOPE_FIELD_NUMBER: _builtins.int
     resource_id: _builtins.str
     """Required. As in CreateResourceRequest."""
+    legacy_customer_managed_key_scope: _builtins.bool
+    """Optional. With customer_managed_key: the resource had it enabled before the 2023-07-31
+    release, so it covers models only. Never a choice at enable time.
+    """
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """Required. The resource's original creation time; never changes afterwards."""
+
+    @_builtins.property
+    def customer_managed_key(self) -> Global___CustomerKeyReference:
+        """Optional. The customer-managed key the resource already had; it is enabled on import."""
 
     def __init__(
         self,
         *,
         resource_id: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
+        customer_managed_key: Global___CustomerKeyReference | None = ...,
+        legacy_customer_managed_key_scope: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "customer_managed_key", b"customer_managed_key"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "resource_id", b"resource_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "customer_managed_key", b"customer_managed_key", "legacy_customer_managed_key_scope", b"legacy_customer_managed_key_scope", "resource_id", b"resource_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -541,6 +647,148 @@ class UndeleteResourceResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UndeleteResourceResponse: _TypeAlias = UndeleteResourceResponse  # noqa: Y015
+
+@_typing.final
+class EnableCustomerManagedKeyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
+    FOLLOW_LATEST_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Required. resources/{resource}."""
+    follow_latest: _builtins.bool
+    """Optional. Follow the key's latest version (polled); key.version may then be empty."""
+    @_builtins.property
+    def key(self) -> Global___CustomerKeyReference:
+        """Required. The customer's key."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        key: Global___CustomerKeyReference | None = ...,
+        follow_latest: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["key", b"key"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["follow_latest", b"follow_latest", "key", b"key", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EnableCustomerManagedKeyRequest: _TypeAlias = EnableCustomerManagedKeyRequest  # noqa: Y015
+
+@_typing.final
+class EnableCustomerManagedKeyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESOURCE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def resource(self) -> Global___Resource: ...
+    def __init__(
+        self,
+        *,
+        resource: Global___Resource | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["resource", b"resource"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["resource", b"resource"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EnableCustomerManagedKeyResponse: _TypeAlias = EnableCustomerManagedKeyResponse  # noqa: Y015
+
+@_typing.final
+class UpdateCustomerManagedKeyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
+    FOLLOW_LATEST_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Required. resources/{resource}, with a customer-managed key enabled."""
+    follow_latest: _builtins.bool
+    """Optional. Follow the key's latest version (polled); key.version may then be empty."""
+    @_builtins.property
+    def key(self) -> Global___CustomerKeyReference:
+        """Required. The key to use from now on: a new version of the same key (rotation) or
+        another key.
+        """
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        key: Global___CustomerKeyReference | None = ...,
+        follow_latest: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["key", b"key"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["follow_latest", b"follow_latest", "key", b"key", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateCustomerManagedKeyRequest: _TypeAlias = UpdateCustomerManagedKeyRequest  # noqa: Y015
+
+@_typing.final
+class UpdateCustomerManagedKeyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESOURCE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def resource(self) -> Global___Resource: ...
+    def __init__(
+        self,
+        *,
+        resource: Global___Resource | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["resource", b"resource"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["resource", b"resource"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateCustomerManagedKeyResponse: _TypeAlias = UpdateCustomerManagedKeyResponse  # noqa: Y015
+
+@_typing.final
+class DisableCustomerManagedKeyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Required. resources/{resource}, with a customer-managed key enabled."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DisableCustomerManagedKeyRequest: _TypeAlias = DisableCustomerManagedKeyRequest  # noqa: Y015
+
+@_typing.final
+class DisableCustomerManagedKeyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESOURCE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def resource(self) -> Global___Resource: ...
+    def __init__(
+        self,
+        *,
+        resource: Global___Resource | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["resource", b"resource"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["resource", b"resource"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DisableCustomerManagedKeyResponse: _TypeAlias = DisableCustomerManagedKeyResponse  # noqa: Y015
 
 @_typing.final
 class RotateResourceKeyRequest(_message.Message):

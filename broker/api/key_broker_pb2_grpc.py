@@ -65,6 +65,21 @@ class KeyBrokerStub:
                 request_serializer=keybroker_dot_v1_dot_key__broker__pb2.UndeleteResourceRequest.SerializeToString,
                 response_deserializer=keybroker_dot_v1_dot_key__broker__pb2.UndeleteResourceResponse.FromString,
                 _registered_method=True)
+        self.EnableCustomerManagedKey = channel.unary_unary(
+                '/keybroker.v1.KeyBroker/EnableCustomerManagedKey',
+                request_serializer=keybroker_dot_v1_dot_key__broker__pb2.EnableCustomerManagedKeyRequest.SerializeToString,
+                response_deserializer=keybroker_dot_v1_dot_key__broker__pb2.EnableCustomerManagedKeyResponse.FromString,
+                _registered_method=True)
+        self.UpdateCustomerManagedKey = channel.unary_unary(
+                '/keybroker.v1.KeyBroker/UpdateCustomerManagedKey',
+                request_serializer=keybroker_dot_v1_dot_key__broker__pb2.UpdateCustomerManagedKeyRequest.SerializeToString,
+                response_deserializer=keybroker_dot_v1_dot_key__broker__pb2.UpdateCustomerManagedKeyResponse.FromString,
+                _registered_method=True)
+        self.DisableCustomerManagedKey = channel.unary_unary(
+                '/keybroker.v1.KeyBroker/DisableCustomerManagedKey',
+                request_serializer=keybroker_dot_v1_dot_key__broker__pb2.DisableCustomerManagedKeyRequest.SerializeToString,
+                response_deserializer=keybroker_dot_v1_dot_key__broker__pb2.DisableCustomerManagedKeyResponse.FromString,
+                _registered_method=True)
         self.RotateResourceKey = channel.unary_unary(
                 '/keybroker.v1.KeyBroker/RotateResourceKey',
                 request_serializer=keybroker_dot_v1_dot_key__broker__pb2.RotateResourceKeyRequest.SerializeToString,
@@ -163,6 +178,29 @@ class KeyBrokerServicer:
 
     def UndeleteResource(self, request, context):
         """Cancels a scheduled destruction within its pending window.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EnableCustomerManagedKey(self, request, context):
+        """Puts a resource's models and analyze results under a customer-managed key: re-wraps every
+        resource-key version under it and starts a fresh version for new data.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateCustomerManagedKey(self, request, context):
+        """Points the resource at another version of its customer key (rotation: re-wraps only), or at
+        another key (re-wraps and starts a fresh version), or changes follow_latest.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DisableCustomerManagedKey(self, request, context):
+        """Returns the resource to service-managed keys (re-wraps, starts a fresh version); no data loss.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -275,6 +313,21 @@ def add_KeyBrokerServicer_to_server(servicer, server):
                     servicer.UndeleteResource,
                     request_deserializer=keybroker_dot_v1_dot_key__broker__pb2.UndeleteResourceRequest.FromString,
                     response_serializer=keybroker_dot_v1_dot_key__broker__pb2.UndeleteResourceResponse.SerializeToString,
+            ),
+            'EnableCustomerManagedKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.EnableCustomerManagedKey,
+                    request_deserializer=keybroker_dot_v1_dot_key__broker__pb2.EnableCustomerManagedKeyRequest.FromString,
+                    response_serializer=keybroker_dot_v1_dot_key__broker__pb2.EnableCustomerManagedKeyResponse.SerializeToString,
+            ),
+            'UpdateCustomerManagedKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateCustomerManagedKey,
+                    request_deserializer=keybroker_dot_v1_dot_key__broker__pb2.UpdateCustomerManagedKeyRequest.FromString,
+                    response_serializer=keybroker_dot_v1_dot_key__broker__pb2.UpdateCustomerManagedKeyResponse.SerializeToString,
+            ),
+            'DisableCustomerManagedKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.DisableCustomerManagedKey,
+                    request_deserializer=keybroker_dot_v1_dot_key__broker__pb2.DisableCustomerManagedKeyRequest.FromString,
+                    response_serializer=keybroker_dot_v1_dot_key__broker__pb2.DisableCustomerManagedKeyResponse.SerializeToString,
             ),
             'RotateResourceKey': grpc.unary_unary_rpc_method_handler(
                     servicer.RotateResourceKey,
@@ -495,6 +548,87 @@ class KeyBroker:
             '/keybroker.v1.KeyBroker/UndeleteResource',
             keybroker_dot_v1_dot_key__broker__pb2.UndeleteResourceRequest.SerializeToString,
             keybroker_dot_v1_dot_key__broker__pb2.UndeleteResourceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EnableCustomerManagedKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keybroker.v1.KeyBroker/EnableCustomerManagedKey',
+            keybroker_dot_v1_dot_key__broker__pb2.EnableCustomerManagedKeyRequest.SerializeToString,
+            keybroker_dot_v1_dot_key__broker__pb2.EnableCustomerManagedKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateCustomerManagedKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keybroker.v1.KeyBroker/UpdateCustomerManagedKey',
+            keybroker_dot_v1_dot_key__broker__pb2.UpdateCustomerManagedKeyRequest.SerializeToString,
+            keybroker_dot_v1_dot_key__broker__pb2.UpdateCustomerManagedKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DisableCustomerManagedKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keybroker.v1.KeyBroker/DisableCustomerManagedKey',
+            keybroker_dot_v1_dot_key__broker__pb2.DisableCustomerManagedKeyRequest.SerializeToString,
+            keybroker_dot_v1_dot_key__broker__pb2.DisableCustomerManagedKeyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -57,6 +57,16 @@ class KeyBrokerStub:
     """Schedules a resource's destruction after a pending window; its data keys stop working at once."""
     UndeleteResource: _grpc.UnaryUnaryMultiCallable[_key_broker_pb2.UndeleteResourceRequest, _key_broker_pb2.UndeleteResourceResponse]
     """Cancels a scheduled destruction within its pending window."""
+    EnableCustomerManagedKey: _grpc.UnaryUnaryMultiCallable[_key_broker_pb2.EnableCustomerManagedKeyRequest, _key_broker_pb2.EnableCustomerManagedKeyResponse]
+    """Puts a resource's models and analyze results under a customer-managed key: re-wraps every
+    resource-key version under it and starts a fresh version for new data.
+    """
+    UpdateCustomerManagedKey: _grpc.UnaryUnaryMultiCallable[_key_broker_pb2.UpdateCustomerManagedKeyRequest, _key_broker_pb2.UpdateCustomerManagedKeyResponse]
+    """Points the resource at another version of its customer key (rotation: re-wraps only), or at
+    another key (re-wraps and starts a fresh version), or changes follow_latest.
+    """
+    DisableCustomerManagedKey: _grpc.UnaryUnaryMultiCallable[_key_broker_pb2.DisableCustomerManagedKeyRequest, _key_broker_pb2.DisableCustomerManagedKeyResponse]
+    """Returns the resource to service-managed keys (re-wraps, starts a fresh version); no data loss."""
     RotateResourceKey: _grpc.UnaryUnaryMultiCallable[_key_broker_pb2.RotateResourceKeyRequest, _key_broker_pb2.RotateResourceKeyResponse]
     """Starts a new resource-key version for new data; older versions keep decrypting."""
     ListResourceKeyVersions: _grpc.UnaryUnaryMultiCallable[_key_broker_pb2.ListResourceKeyVersionsRequest, _key_broker_pb2.ListResourceKeyVersionsResponse]
@@ -95,6 +105,16 @@ class KeyBrokerAsyncStub(KeyBrokerStub):
     """Schedules a resource's destruction after a pending window; its data keys stop working at once."""
     UndeleteResource: _aio.UnaryUnaryMultiCallable[_key_broker_pb2.UndeleteResourceRequest, _key_broker_pb2.UndeleteResourceResponse]  # type: ignore[assignment]
     """Cancels a scheduled destruction within its pending window."""
+    EnableCustomerManagedKey: _aio.UnaryUnaryMultiCallable[_key_broker_pb2.EnableCustomerManagedKeyRequest, _key_broker_pb2.EnableCustomerManagedKeyResponse]  # type: ignore[assignment]
+    """Puts a resource's models and analyze results under a customer-managed key: re-wraps every
+    resource-key version under it and starts a fresh version for new data.
+    """
+    UpdateCustomerManagedKey: _aio.UnaryUnaryMultiCallable[_key_broker_pb2.UpdateCustomerManagedKeyRequest, _key_broker_pb2.UpdateCustomerManagedKeyResponse]  # type: ignore[assignment]
+    """Points the resource at another version of its customer key (rotation: re-wraps only), or at
+    another key (re-wraps and starts a fresh version), or changes follow_latest.
+    """
+    DisableCustomerManagedKey: _aio.UnaryUnaryMultiCallable[_key_broker_pb2.DisableCustomerManagedKeyRequest, _key_broker_pb2.DisableCustomerManagedKeyResponse]  # type: ignore[assignment]
+    """Returns the resource to service-managed keys (re-wraps, starts a fresh version); no data loss."""
     RotateResourceKey: _aio.UnaryUnaryMultiCallable[_key_broker_pb2.RotateResourceKeyRequest, _key_broker_pb2.RotateResourceKeyResponse]  # type: ignore[assignment]
     """Starts a new resource-key version for new data; older versions keep decrypting."""
     ListResourceKeyVersions: _aio.UnaryUnaryMultiCallable[_key_broker_pb2.ListResourceKeyVersionsRequest, _key_broker_pb2.ListResourceKeyVersionsResponse]  # type: ignore[assignment]
@@ -166,6 +186,34 @@ class KeyBrokerServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_key_broker_pb2.UndeleteResourceResponse, _abc.Awaitable[_key_broker_pb2.UndeleteResourceResponse]]:
         """Cancels a scheduled destruction within its pending window."""
+
+    @_abc_1.abstractmethod
+    def EnableCustomerManagedKey(
+        self,
+        request: _key_broker_pb2.EnableCustomerManagedKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_key_broker_pb2.EnableCustomerManagedKeyResponse, _abc.Awaitable[_key_broker_pb2.EnableCustomerManagedKeyResponse]]:
+        """Puts a resource's models and analyze results under a customer-managed key: re-wraps every
+        resource-key version under it and starts a fresh version for new data.
+        """
+
+    @_abc_1.abstractmethod
+    def UpdateCustomerManagedKey(
+        self,
+        request: _key_broker_pb2.UpdateCustomerManagedKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_key_broker_pb2.UpdateCustomerManagedKeyResponse, _abc.Awaitable[_key_broker_pb2.UpdateCustomerManagedKeyResponse]]:
+        """Points the resource at another version of its customer key (rotation: re-wraps only), or at
+        another key (re-wraps and starts a fresh version), or changes follow_latest.
+        """
+
+    @_abc_1.abstractmethod
+    def DisableCustomerManagedKey(
+        self,
+        request: _key_broker_pb2.DisableCustomerManagedKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_key_broker_pb2.DisableCustomerManagedKeyResponse, _abc.Awaitable[_key_broker_pb2.DisableCustomerManagedKeyResponse]]:
+        """Returns the resource to service-managed keys (re-wraps, starts a fresh version); no data loss."""
 
     @_abc_1.abstractmethod
     def RotateResourceKey(

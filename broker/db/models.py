@@ -121,6 +121,29 @@ class KeyVersionRow(Base):
     root_key_id: Mapped[str | None] = mapped_column(String(512))
 
 
+class CustomerKeyRow(Base):
+    """A resource's customer-managed key, while enabled. Every resource-key version of the
+    purposes in `scope` is stored wrapped by the key version named here (one transaction moves
+    them all whenever this row changes)."""
+
+    __tablename__ = "customer_keys"
+    __table_args__ = (CheckConstraint("scope IN ('models', 'models,results')", name="scope"),)
+
+    resource_id: Mapped[str] = mapped_column(
+        ForeignKey("resources.id", ondelete="CASCADE"), primary_key=True
+    )
+    provider: Mapped[str] = mapped_column(String(32))
+    vault: Mapped[str] = mapped_column(String(512))
+    key_name: Mapped[str] = mapped_column(String(256))
+    version: Mapped[str] = mapped_column(String(256))
+    identity: Mapped[str] = mapped_column(String(256))
+    follow_latest: Mapped[bool]
+    # "models" for a resource imported with the legacy scope, else "models,results".
+    scope: Mapped[str] = mapped_column(String(32))
+    enable_time: Mapped[datetime] = mapped_column(UTCDateTime)
+    checked_time: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
 class AuditRow(Base):
     """One audited call or state change. Written in bulk (Core executemany), never edited."""
 

@@ -1,0 +1,423 @@
+"""Customer-managed keys end to end through the real broker, with the dev vault as the customer's
+key store (a real file-backed vault in the data directory; PKCS#11 and Azure have suites of
+their own): enable, rotate, move, follow-latest, revoke and restore, disable, legacy scope, the
+cutoff, and the refusals."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import grpc
+import pytest
+import pytest_asyncio
+from sqlalchemy import text
+
+from broker.api import key_broker_pb2 as pb
+from broker.janitor import tick
+from broker.providers.dev_vault import FILE_NAME, DevVaultStore
+from broker.settings import Settings
+from tests.harness import BrokerUnderTest, assert_error, audit_rows, running_broker, state_digest
+
+MODEL = "resources/r1/models/m1"
+RESULT = "resources/r1/analyzeResults/a1"
+Keys = list[tuple[str, bytes, bytes]]
+
+
+@pytest.fixture
+def cmk_settings(settings: Settings) -> Settings:
+    return replace(
+        settings,
+        dev_vault=True,
+        cache_ttl=timedelta(minutes=5),
+        cmk_failure_ttl=timedelta(seconds=0.3),
+    )
+
+
+@pytest.fixture
+def vault(cmk_settings: Settings) -> DevVaultStore:
+    cmk_settings.data_dir.mkdir(parents=True, exist_ok=True)
+    return DevVaultStore(cmk_settings.data_dir / FILE_NAME)
+
+
+@pytest_asyncio.fixture
+async def kb(cmk_settings: Settings) -> AsyncIterator[BrokerUnderTest]:
+    async with running_broker(cmk_settings) as b:
+        yield b
+
+
+def ref(key_name: str, version: str = "") -> pb.CustomerKeyReference:
+    return pb.CustomerKeyReference(
+        provider="dev-vault", vault="dev", key_name=key_name, version=version
+    )
+
+
+async def data_keys(kb: BrokerUnderTest, names: tuple[str, ...] = (MODEL, RESULT)) -> Keys:
+    out: Keys = []
+    for name in names:
+        key = await kb.stub.GenerateDataKey(pb.GenerateDataKeyRequest(name=name))
+        out.append((name, key.wrapped_data_key, key.plaintext_data_key))
+    return out
+
+
+async def decrypt(kb: BrokerUnderTest, name: str, wrapped: bytes) -> bytes:
+    reply = await kb.stub.DecryptDataKey(
+        pb.DecryptDataKeyRequest(name=name, wrapped_data_key=wrapped)
+    )
+    return reply.plaintext_data_key
+
+
+async def assert_all_decrypt(kb: BrokerUnderTest, keys: Keys) -> None:
+    for name, wrapped, plaintext in keys:
+        assert await decrypt(kb, name, wrapped) == plaintext
+
+
+async def version_roots(kb: BrokerUnderTest, resource_id: str = "r1") -> dict[tuple[str, int], Any]:
+    async with kb.engine.connect() as conn:
+        rows = await conn.execute(
+            text(
+                "SELECT purpose, version, root_key_id, wrapped_key FROM key_versions"
+                " WHERE resource_id = :r"
+            ),
+            {"r": resource_id},
+        )
+        return {(r[0], r[1]): (r[2], bytes(r[3]) if r[3] is not None else None) for r in rows}
+
+
+async def enable(
+    kb: BrokerUnderTest, key: pb.CustomerKeyReference, follow: bool = False
+) -> pb.Resource:
+    reply = await kb.stub.EnableCustomerManagedKey(
+        pb.EnableCustomerManagedKeyRequest(name="resources/r1", key=key, follow_latest=follow)
+    )
+    return reply.resource
+
+
+def drop_cache(kb: BrokerUnderTest) -> None:
+    kb.running.broker.keys.cache.clear()
+
+
+@pytest.mark.asyncio
+async def test_enable_rewraps_every_version_and_starts_fresh_ones(
+    kb: BrokerUnderTest, vault: DevVaultStore
+) -> None:
+    v = vault.create_key("k1", "RSA", 2048)
+    await kb.stub.CreateResource(pb.CreateResourceRequest(resource_id="r1"))
+    before = await data_keys(kb)
+    roots_before = await version_roots(kb)
+
+    resource = await enable(kb, ref("k1", v.version))
+    key_id = f"dev-vault:dev/k1/{v.version}"
+    assert resource.customer_managed_key.key_id == key_id
+    assert list(resource.customer_managed_key.scope) == [pb.MODELS, pb.RESULTS]
+    for enc in resource.encryption:
+        assert enc.key_source == pb.CUSTOMER_MANAGED
+        assert enc.root_key_id == key_id
+        assert enc.current_key_version.endswith("/versions/2")
+
+    roots = await version_roots(kb)
+    assert set(roots) == {("models", 1), ("models", 2), ("results", 1), ("results", 2)}
+    assert all(root == key_id for root, _ in roots.values())
+    # The old service-managed copies are gone: version 1 is stored re-wrapped.
+    assert roots[("models", 1)][1] != roots_before[("models", 1)][1]
+
+    drop_cache(kb)
+    await assert_all_decrypt(kb, before)
+    after = await data_keys(kb)
+    for name, wrapped, _ in after:
+        reply = await kb.stub.DecryptDataKey(
+            pb.DecryptDataKeyRequest(name=name, wrapped_data_key=wrapped)
+        )
+        assert reply.key_id.endswith("/versions/2")
+    audit = [r for r in await audit_rows(kb.engine) if r["operation"] == "EnableCustomerManagedKey"]
+    assert len(audit) == 1
+    assert key_id in audit[0]["key_ids"]
+    assert "resources/r1/serviceRootKey/versions/1" in audit[0]["key_ids"]
+
+
+@pytest.mark.asyncio
+async def test_revocation_refuses_data_keys_until_access_returns(
+    kb: BrokerUnderTest, vault: DevVaultStore
+) -> None:
+    v = vault.create_key("k1", "AES", 256)
+    await kb.stub.CreateResource(pb.CreateResourceRequest(resource_id="r1"))
+    await enable(kb, ref("k1", v.version))
+    keys = await data_keys(kb)
+    vault.set_enabled("k1", "", False)
+    drop_cache(kb)  # stands in for the cache TTL passing
+    digest = await state_digest(kb.engine)
+    for name, wrapped, _ in keys:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await decrypt(kb, name, wrapped)
+        assert_error(err.value, grpc.StatusCode.FAILED_PRECONDITION, "CUSTOMER_KEY_UNAVAILABLE")
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await kb.stub.GenerateDataKey(pb.GenerateDataKeyRequest(name=MODEL))
+    assert_error(err.value, grpc.StatusCode.FAILED_PRECONDITION, "CUSTOMER_KEY_UNAVAILABLE")
+    assert await state_digest(kb.engine) == digest  # nothing stored changed
+
+    # The failure is remembered briefly: no vault call per request meanwhile.
+    calls = kb.running.broker.keys.cache.counters.loads
+    for _ in range(10):
+        with pytest.raises(grpc.aio.AioRpcError):
+            await decrypt(kb, *keys[0][:2])
+    assert kb.running.broker.keys.cache.counters.loads == calls
+
+    vault.set_enabled("k1", "", True)
+    await asyncio.sleep(0.35)  # the remembered failure expires; no admin action
+    await assert_all_decrypt(kb, keys)
+
+
+@pytest.mark.asyncio
+async def test_a_failure_seen_drops_every_cached_key_of_the_resource_at_once(
+    kb: BrokerUnderTest, vault: DevVaultStore
+) -> None:
+    v = vault.create_key("k1", "AES", 256)
+    await kb.stub.CreateResource(pb.CreateResourceRequest(resource_id="r1"))
+    await enable(kb, ref("k1", v.version))
+    model_key, result_key = await data_keys(kb)  # both versions now cached
+    vault.set_enabled("k1", "", False)
+    # The models key is still cached; the results version is evicted and must be reloaded.
+    kb.running.broker.keys.cache.invalidate(lambda k: k[1] == "results")
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await decrypt(kb, *result_key[:2])
+    assert_error(err.value, grpc.StatusCode.FAILED_PRECONDITION, "CUSTOMER_KEY_UNAVAILABLE")
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await decrypt(kb, *model_key[:2])
+    assert_error(err.value, grpc.StatusCode.FAILED_PRECONDITION, "CUSTOMER_KEY_UNAVAILABLE")
+
+
+@pytest.mark.asyncio
+async def test_deletes_work_while_the_customer_key_is_revoked(
+    kb: BrokerUnderTest, vault: DevVaultStore
+) -> None:
+    v = vault.create_key("k1", "AES", 256)
+    await kb.stub.CreateResource(pb.CreateResourceRequest(resource_id="r1"))
+    await enable(kb, ref("k1", v.version))
+    vault.set_enabled("k1", "", False)
+    drop_cache(kb)
+    reply = await kb.stub.DeleteResource(pb.DeleteResourceRequest(name="resources/r1"))
+    assert reply.resource.state == pb.Resource.DELETE_SCHEDULED
+
+
+@pytest.mark.asyncio
+async def test_new_key_version_rewraps_only_and_another_key_starts_a_fresh_version(
+    kb: BrokerUnderTest, vault: DevVaultStore
+) -> None:
+    v1 = vault.create_key("k1", "RSA", 2048)
+    await kb.stub.CreateResource(pb.CreateResourceRequest(resource_id="r1"))
+    keys = await data_keys(kb)
+    await enable(kb, ref("k1", v1.version))
+    keys += await data_keys(kb)
+
+    v2 = vault.create_key("k1", "RSA", 2048)  # the customer rotates their key
+    rotated = await kb.stub.UpdateCustomerManagedKey(
+        pb.UpdateCustomerManagedKeyRequest(name="resources/r1", key=ref("k1", v2.version))
+    )
+    new_id = f"dev-vault:dev/k1/{v2.version}"
+    assert rotated.resource.customer_managed_key.key_id == new_id
+    assert all(e.current_key_version.endswith("/versions/2") for e in rotated.resource.encryption)
+    assert {root for root, _ in (await version_roots(kb)).values()} == {new_id}
+    vault.set_enabled("k1", v1.version, False)  # the old version is no longer needed
+    drop_cache(kb)
+    await assert_all_decrypt(kb, keys)
+
+    k2 = vault.create_key("k2", "AES", 256)
+    moved = await kb.stub.UpdateCustomerManagedKey(
+        pb.UpdateCustomerManagedKeyRequest(name="resources/r1", key=ref("k2", k2.version))
+    )
+    assert all(e.current_key_version.endswith("/versions/3") for e in moved.resource.encryption)
+    vault.set_enabled("k1", "", False)
+    drop_cache(kb)
+    await assert_all_decrypt(kb, keys)
+
+
+@pytest.mark.asyncio
+async def test_follow_latest_moves_to_a_new_version_when_polled(
+    kb: BrokerUnderTest, vault: DevVaultStore
+) -> None:
+    v1 = vault.create_key("k1", "AES", 256)
+    await kb.stub.CreateResource(pb.CreateResourceRequest(resource_id="r1"))
+    resource = await enable(kb, ref("k1"), follow=True)
+    assert resource.customer_managed_key.key.version == v1.version
+    assert resource.customer_managed_key.follow_latest
+    keys = await data_keys(kb)
+    broker = kb.running.broker
+    assert await tick(broker.lifecycle, broker.customer_keys) == (0, 0, 0)
+    v2 = vault.create_key("k1", "AES", 256)
+    assert await tick(broker.lifecycle, broker.customer_keys) == (0, 0, 0)  # not due yet
+    kb.clock.advance(timedelta(hours=1, seconds=1))
+    assert await tick(broker.lifecycle, broker.customer_keys) == (0, 0, 1)
+    got = await kb.stub.GetResource(pb.GetResourceRequest(name="resources/r1"))
+    assert got.resource.customer_managed_key.key.version == v2.version
+    vault.set_enabled("k1", v1.version, False)
+    drop_cache(kb)
+    await assert_all_decrypt(kb, keys)
+    rotations = [
+        r for r in await audit_rows(kb.engine) if r["operation"] == "RotateCustomerManagedKey"
+    ]
+    assert len(rotations) == 1
+
+
+@pytest.mark.asyncio
+async def test_disable_returns_to_service_managed_keys_without_data_loss(
+    kb: BrokerUnderTest, vault: DevVaultStore
+) -> None:
+    v = vault.create_key("k1", "RSA", 2048)
+    await kb.stub.CreateResource(pb.CreateResourceRequest(resource_id="r1"))
+    keys = await data_keys(kb)
+    await enable(kb, ref("k1", v.version))
+    keys += await data_keys(kb)
+    reply = await kb.stub.DisableCustomerManagedKey(
+        pb.DisableCustomerManagedKeyRequest(name="resources/r1")
+    )
+    assert not reply.resource.HasField("customer_managed_key")
+    assert all(e.key_source == pb.SERVICE_MANAGED for e in reply.resource.encryption)
+    assert all(e.current_key_version.endswith("/versions/3") for e in reply.resource.encryption)
+    # The customer key is no longer needed at all.
+    vault.set_deleted("k1", True)
+    drop_cache(kb)
+    await assert_all_decrypt(kb, keys)
+    assert {root for root, _ in (await version_roots(kb)).values()} == {
+        "resources/r1/serviceRootKey/versions/1"
+    }
+
+
+@pytest.mark.asyncio
+async def test_legacy_import_covers_models_only_until_disabled_and_enabled_again(
+    kb: BrokerUnderTest, vault: DevVaultStore
+) -> None:
+    v = vault.create_key("k1", "AES", 256)
+    request = pb.ImportResourceRequest(
+        resource_id="r1",
+        customer_managed_key=ref("k1", v.version),
+        legacy_customer_managed_key_scope=True,
+    )
+    request.create_time.FromDatetime(datetime(2022, 1, 1, tzinfo=UTC))
+    imported = (await kb.stub.ImportResource(request)).resource
+    assert list(imported.customer_managed_key.scope) == [pb.MODELS]
+    sources = {e.purpose: e.key_source for e in imported.encryption}
+    assert sources == {pb.MODELS: pb.CUSTOMER_MANAGED, pb.RESULTS: pb.SERVICE_MANAGED}
+    keys = await data_keys(kb)
+
+    await kb.stub.DisableCustomerManagedKey(
+        pb.DisableCustomerManagedKeyRequest(name="resources/r1")
+    )
+    upgraded = await enable(kb, ref("k1", v.version))
+    assert list(upgraded.customer_managed_key.scope) == [pb.MODELS, pb.RESULTS]
+    assert {e.key_source for e in upgraded.encryption} == {pb.CUSTOMER_MANAGED}
+    drop_cache(kb)
+    await assert_all_decrypt(kb, keys)
+
+
+@pytest.mark.asyncio
+async def test_resources_created_before_the_cutoff_are_refused(
+    kb: BrokerUnderTest, vault: DevVaultStore
+) -> None:
+    v = vault.create_key("k1", "AES", 256)
+    request = pb.ImportResourceRequest(resource_id="r1")
+    request.create_time.FromDatetime(datetime(2020, 5, 10, 23, 59, tzinfo=UTC))
+    await kb.stub.ImportResource(request)
+    digest = await state_digest(kb.engine)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await enable(kb, ref("k1", v.version))
+    assert_error(
+        err.value, grpc.StatusCode.FAILED_PRECONDITION, "RESOURCE_CREATED_BEFORE_CMK_CUTOFF"
+    )
+    assert "create a new resource" in (err.value.details() or "")
+    assert await state_digest(kb.engine) == digest
+
+
+@pytest.mark.asyncio
+async def test_unfit_keys_and_vaults_are_refused_precisely(
+    kb: BrokerUnderTest, vault: DevVaultStore
+) -> None:
+    await kb.stub.CreateResource(pb.CreateResourceRequest(resource_id="r1"))
+    v = vault.create_key("small", "AES", 256)
+    data = json.loads(vault.path.read_text())
+    data["keys"]["small"]["versions"][0]["size"] = 128  # an AES-128 key
+    vault.path.write_text(json.dumps(data))
+    good = vault.create_key("good", "RSA", 2048)
+    digest = await state_digest(kb.engine)
+    cases: list[tuple[pb.CustomerKeyReference, grpc.StatusCode, str]] = [
+        (ref("small", v.version), grpc.StatusCode.FAILED_PRECONDITION, "UNSUPPORTED_CUSTOMER_KEY"),
+        (ref("missing", "00"), grpc.StatusCode.FAILED_PRECONDITION, "CUSTOMER_KEY_NOT_FOUND"),
+        (ref("good", "ffff"), grpc.StatusCode.FAILED_PRECONDITION, "CUSTOMER_KEY_NOT_FOUND"),
+        (ref("good", ""), grpc.StatusCode.INVALID_ARGUMENT, "MISSING_FIELD"),
+        (
+            pb.CustomerKeyReference(provider="kms9", vault="v", key_name="k", version="1"),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "UNKNOWN_KEY_PROVIDER",
+        ),
+        (
+            pb.CustomerKeyReference(provider="pkcs11", vault="t", key_name="k", version="1"),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "KEY_PROVIDER_NOT_CONFIGURED",
+        ),
+    ]
+    for key, code, reason in cases:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await enable(kb, key)
+        assert_error(err.value, code, reason)
+    vault.set_enabled("good", "", False)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await enable(kb, ref("good", good.version))
+    assert_error(err.value, grpc.StatusCode.FAILED_PRECONDITION, "CUSTOMER_KEY_UNAVAILABLE")
+    vault.set_enabled("good", "", True)
+    vault.set_flags(soft_delete=True, purge_protection=False)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await enable(kb, ref("good", good.version))
+    assert_error(
+        err.value, grpc.StatusCode.FAILED_PRECONDITION, "CUSTOMER_KEY_VAULT_NOT_RECOVERABLE"
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await kb.stub.DisableCustomerManagedKey(
+            pb.DisableCustomerManagedKeyRequest(name="resources/r1")
+        )
+    assert_error(err.value, grpc.StatusCode.FAILED_PRECONDITION, "CUSTOMER_KEY_NOT_ENABLED")
+    assert await state_digest(kb.engine) == digest
+
+
+@pytest.mark.asyncio
+async def test_a_stored_key_whose_inner_seal_belongs_to_another_resource_is_refused(
+    kb: BrokerUnderTest, vault: DevVaultStore
+) -> None:
+    # Both resources sit under the same customer key, so the outer layer of one resource's
+    # stored version opens for the other too; the inner service seal is what binds it.
+    v = vault.create_key("k1", "AES", 256)
+    for rid in ("r1", "r2"):
+        await kb.stub.CreateResource(pb.CreateResourceRequest(resource_id=rid))
+        await kb.stub.EnableCustomerManagedKey(
+            pb.EnableCustomerManagedKeyRequest(name=f"resources/{rid}", key=ref("k1", v.version))
+        )
+    ((name, wrapped, _),) = await data_keys(kb, (MODEL,))
+    async with kb.engine.begin() as conn:
+        await conn.execute(
+            text(
+                "UPDATE key_versions SET wrapped_key = (SELECT wrapped_key FROM key_versions"
+                " WHERE resource_id = 'r2' AND purpose = 'models' AND version = 2)"
+                " WHERE resource_id = 'r1' AND purpose = 'models' AND version = 2"
+            )
+        )
+    drop_cache(kb)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await decrypt(kb, name, wrapped)
+    assert_error(err.value, grpc.StatusCode.DATA_LOSS, "STORED_KEY_CORRUPT")
+
+
+@pytest.mark.asyncio
+async def test_concurrent_decrypts_on_a_cold_cache_make_one_vault_call_per_key(
+    kb: BrokerUnderTest, vault: DevVaultStore
+) -> None:
+    v = vault.create_key("k1", "RSA", 2048)
+    await kb.stub.CreateResource(pb.CreateResourceRequest(resource_id="r1"))
+    await enable(kb, ref("k1", v.version))
+    ((name, wrapped, plaintext),) = await data_keys(kb, (MODEL,))
+    drop_cache(kb)
+    before = kb.running.broker.keys.cache.counters.loads
+    replies = await asyncio.gather(*(decrypt(kb, name, wrapped) for _ in range(64)))
+    assert set(replies) == {plaintext}
+    assert kb.running.broker.keys.cache.counters.loads - before == 1
