@@ -14,6 +14,7 @@ import resource
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -34,6 +35,8 @@ from broker.db import schema
 from broker.db.engine import create_engine, session_factory
 from broker.errors import ConfigurationError
 from broker.master_keyring import rotate_master_key
+from broker.providers.dev_vault import FILE_NAME as DEV_VAULT_FILE
+from broker.providers.dev_vault import DevVaultStore
 from broker.server import serve
 from broker.settings import Settings
 
@@ -98,6 +101,43 @@ def _parser() -> argparse.ArgumentParser:
     p = leaf(res_sub, "undelete", "cancel a scheduled destruction")
     p.add_argument("name", help="resources/{resource}")
 
+    for action, help_text in (
+        ("cmk-enable", "put a resource under a customer-managed key"),
+        ("cmk-update", "point a resource at another key version or key"),
+    ):
+        p = leaf(res_sub, action, help_text)
+        p.add_argument("name", help="resources/{resource}")
+        p.add_argument("--provider", required=True, help="pkcs11, azure-keyvault or dev-vault")
+        p.add_argument("--vault", required=True, help="token label, vault URL, or dev")
+        p.add_argument("--key", required=True, help="the key's name")
+        p.add_argument("--version", default="", help="the key version (omit with --follow-latest)")
+        p.add_argument("--identity", default="", help="managed identity client id (Azure)")
+        p.add_argument("--follow-latest", action="store_true", help="follow the latest version")
+    p = leaf(res_sub, "cmk-disable", "return a resource to service-managed keys")
+    p.add_argument("name", help="resources/{resource}")
+
+    dev = sub.add_parser(
+        "dev-vault", help="the file-backed dev vault (offline; not for production)"
+    )
+    dev_sub = dev.add_subparsers(dest="action", required=True)
+    p = dev_sub.add_parser("create-key", help="create a key, or a new version of one")
+    p.add_argument("key")
+    p.add_argument("--type", choices=("rsa", "aes"), default="rsa")
+    p.add_argument("--size", type=int, default=0, help="RSA 2048/3072/4096 (default 3072); AES 256")
+    for action, help_text in (
+        ("list", "show a key's versions"),
+        ("disable", "disable a key (revocation)"),
+        ("enable", "enable a key again"),
+        ("delete", "delete a key"),
+        ("restore", "restore a deleted key"),
+    ):
+        p = dev_sub.add_parser(action, help=help_text)
+        p.add_argument("key")
+        if action in ("disable", "enable"):
+            p.add_argument("--version", default="", help="one version (default: every version)")
+    for p in dev_sub.choices.values():
+        p.add_argument("--data-dir", dest="data_dir", help="data directory (default ./.keybroker)")
+
     keys = sub.add_parser("keys", help="manage resource keys (a gRPC client)")
     keys_sub = keys.add_subparsers(dest="action", required=True)
     key_help = "resources/{r}/resourceKeys/{models|results}"
@@ -158,7 +198,53 @@ def _client_request(args: argparse.Namespace) -> tuple[str, Message]:
             return "RestoreResourceKeyVersion", pb.RestoreResourceKeyVersionRequest(name=args.name)
         case "status", _:
             return "GetStatus", pb.GetStatusRequest(name=args.name)
+        case "resources", "cmk-enable" | "cmk-update":
+            key = pb.CustomerKeyReference(
+                provider=args.provider,
+                vault=args.vault,
+                key_name=args.key,
+                version=args.version,
+                identity=args.identity,
+            )
+            if args.action == "cmk-enable":
+                return "EnableCustomerManagedKey", pb.EnableCustomerManagedKeyRequest(
+                    name=args.name, key=key, follow_latest=args.follow_latest
+                )
+            return "UpdateCustomerManagedKey", pb.UpdateCustomerManagedKeyRequest(
+                name=args.name, key=key, follow_latest=args.follow_latest
+            )
+        case "resources", "cmk-disable":
+            return "DisableCustomerManagedKey", pb.DisableCustomerManagedKeyRequest(name=args.name)
     raise AssertionError(args)
+
+
+def _dev_vault(args: argparse.Namespace, settings: Settings) -> int:
+    """`keybroker dev-vault ...`: edits the vault file in the data directory."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    store = DevVaultStore(settings.data_dir / DEV_VAULT_FILE)
+    try:
+        match args.action:
+            case "create-key":
+                size = args.size or (3072 if args.type == "rsa" else 256)
+                version = store.create_key(args.key, args.type, size)
+                print(f"{args.key} version {version.version} ({version.kty}-{version.size})")
+                print(
+                    f"  use: --provider dev-vault --vault dev --key {args.key} "
+                    f"--version {version.version}"
+                )
+            case "list":
+                for v in store.versions(args.key):
+                    state = "enabled" if v.enabled else "disabled"
+                    print(f"{args.key}\t{v.version}\t{v.kty}-{v.size}\t{state}")
+            case "disable" | "enable":
+                store.set_enabled(args.key, args.version, args.action == "enable")
+            case "delete" | "restore":
+                store.set_deleted(args.key, args.action == "delete")
+    except KeyError:
+        raise ConfigurationError(f"the dev vault has no key {args.key!r}") from None
+    except ValueError as exc:
+        raise ConfigurationError(str(exc)) from None
+    return 0
 
 
 async def _run_client(args: argparse.Namespace) -> int:
@@ -250,6 +336,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command in ("resources", "keys", "status"):
             return anyio.run(_run_client, args, backend="asyncio")
         settings = _settings(args)
+        if args.command == "dev-vault":
+            return _dev_vault(args, settings)
         logging.basicConfig(
             level=settings.log_level.upper(),
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -258,7 +346,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.umask(0o077)  # the database and key files are for this user alone
         runners: dict[str, Callable[[], Awaitable[int]]] = {
             "up": lambda: _serve_until_signal(
-                settings, migrate=settings.database.startswith("sqlite")
+                # The embedded default offers the dev vault for trying customer-managed keys.
+                replace(settings, dev_vault=True),
+                migrate=settings.database.startswith("sqlite"),
             ),
             "broker": lambda: _serve_until_signal(settings, migrate=False),
             "migrate": lambda: _migrate(settings),

@@ -99,7 +99,10 @@ class CustomerKeys:
             raise describe_error(exc, reference) from None
         resolved = description.reference
         kind = (description.key_type, description.key_size)
-        if not (kind == ("AES", 256) or (kind[0] == "RSA" and kind[1] in RSA_SIZES)):
+        # A Managed HSM does not report an oct key's size (0 here); its A256KW probe below
+        # succeeds only with a 256-bit key.
+        aes_ok = kind in (("AES", 256), ("AES", 0))
+        if not (aes_ok or (kind[0] == "RSA" and kind[1] in RSA_SIZES)):
             raise FailedPrecondition(
                 "UNSUPPORTED_CUSTOMER_KEY",
                 f"{resolved.key_id} is {kind[0]}-{kind[1]}: use RSA 2048/3072/4096 or AES-256",

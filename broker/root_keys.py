@@ -61,6 +61,7 @@ class ProviderRegistry:
     def __init__(self, factories: dict[str, Callable[[], RootKeyProvider]]) -> None:
         self._factories = factories
         self._providers: dict[str, RootKeyProvider] = {}
+        self._opened: list[RetryingProvider] = []
 
     def get(self, name: str) -> RootKeyProvider:
         provider = self._providers.get(name)
@@ -75,8 +76,16 @@ class ProviderRegistry:
             raise FailedPrecondition(
                 "KEY_PROVIDER_NOT_CONFIGURED", f"the {name} provider is not configured here"
             )
-        provider = self._providers[name] = RetryingProvider(factory())
-        return provider
+        retrying = RetryingProvider(factory())
+        self._providers[name] = retrying
+        self._opened.append(retrying)
+        return retrying
+
+    async def aclose(self) -> None:
+        """Closes every provider opened so far (their HTTP clients, sessions)."""
+        for provider in self._opened:
+            await provider.aclose()
+        self._opened.clear()
 
 
 def registry_from_settings(

@@ -180,6 +180,8 @@ async def _serve(
                 await broker.service.detached.wait_all()
                 janitor_scope.cancel()
                 broker.audit.close()  # audit.run returns once everything pending is durable
+            with anyio.CancelScope(shield=True):
+                await broker.keys.providers.aclose()
         log.info("broker stopped; %d audit records committed", broker.audit.records_committed)
     finally:
         await engine.dispose()

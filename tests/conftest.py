@@ -21,6 +21,7 @@ import pytest_asyncio
 from broker.db import schema
 from broker.db.engine import create_engine
 from broker.settings import Settings
+from tests import softhsm
 from tests.harness import BrokerUnderTest, Clock, running_broker
 from tests.pg_cluster import throwaway_cluster
 
@@ -57,6 +58,16 @@ def postgres_url() -> Iterator[str]:
         asyncio.run(make_template())
         _migrate(url.rsplit("/", 1)[0] + f"/{TEMPLATE_DB}")
         yield url
+
+
+@pytest.fixture(scope="session")
+def softhsm_token(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The session's SoftHSM2 token (SoftHSM sees only tokens initialised before the PKCS#11
+    library loads, so there is one, made first); returns its label. The only place that sets
+    SoftHSM up."""
+    softhsm.softhsm_conf(tmp_path_factory.mktemp("softhsm"))
+    softhsm.init_token(softhsm.TOKEN, softhsm.SO_PIN, softhsm.PIN)
+    return softhsm.TOKEN
 
 
 @pytest.fixture(scope="session")

@@ -1,16 +1,18 @@
-"""Customer-managed keys end to end through the real broker, with the dev vault as the customer's
-key store (a real file-backed vault in the data directory; PKCS#11 and Azure have suites of
-their own): enable, rotate, move, follow-latest, revoke and restore, disable, legacy scope, the
-cutoff, and the refusals."""
+"""Customer-managed keys end to end through the real broker: enable, rotate, move, follow-latest,
+revoke and restore, disable, legacy scope, the cutoff, and the refusals. The customer's key store
+is, in turn, a real PKCS#11 HSM (SoftHSM2; revocation switches the key's usage attributes off in
+the token) and the dev vault (file-backed, in the data directory). The Azure Key Vault provider
+has a contract suite of its own against a local stand-in (tests/test_azure_provider.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from collections.abc import AsyncIterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 import pytest
@@ -21,6 +23,7 @@ from broker.api import key_broker_pb2 as pb
 from broker.janitor import tick
 from broker.providers.dev_vault import FILE_NAME, DevVaultStore
 from broker.settings import Settings
+from tests import softhsm
 from tests.harness import BrokerUnderTest, assert_error, audit_rows, running_broker, state_digest
 
 MODEL = "resources/r1/models/m1"
@@ -28,20 +31,110 @@ RESULT = "resources/r1/analyzeResults/a1"
 Keys = list[tuple[str, bytes, bytes]]
 
 
+@dataclass(frozen=True)
+class Created:
+    version: str
+
+
+class CustomerVault(Protocol):
+    """What a test does to the customer's key store, whatever it is."""
+
+    def ref(self, key_name: str, version: str = "") -> pb.CustomerKeyReference: ...
+    def create_key(self, key_name: str, kty: str, bits: int) -> Created: ...
+    def set_enabled(self, key_name: str, version: str, enabled: bool) -> None: ...
+    def set_deleted(self, key_name: str, deleted: bool) -> None: ...
+
+
+class DevVault:
+    def __init__(self, store: DevVaultStore) -> None:
+        self.store = store
+
+    def ref(self, key_name: str, version: str = "") -> pb.CustomerKeyReference:
+        return pb.CustomerKeyReference(
+            provider="dev-vault", vault="dev", key_name=key_name, version=version
+        )
+
+    def create_key(self, key_name: str, kty: str, bits: int) -> Created:
+        return Created(self.store.create_key(key_name, kty, bits).version)
+
+    def set_enabled(self, key_name: str, version: str, enabled: bool) -> None:
+        self.store.set_enabled(key_name, version, enabled)
+
+    def set_deleted(self, key_name: str, deleted: bool) -> None:
+        self.store.set_deleted(key_name, deleted)
+
+
+class Hsm:
+    """Keys in the session's SoftHSM2 token, under labels unique to one test."""
+
+    def __init__(self) -> None:
+        self.prefix = uuid.uuid4().hex[:8]
+        self.ids: dict[str, int] = {}
+
+    def _label(self, key_name: str) -> str:
+        return f"{self.prefix}-{key_name}"
+
+    def ref(self, key_name: str, version: str = "") -> pb.CustomerKeyReference:
+        return pb.CustomerKeyReference(
+            provider="pkcs11", vault=softhsm.TOKEN, key_name=self._label(key_name), version=version
+        )
+
+    def create_key(self, key_name: str, kty: str, bits: int) -> Created:
+        key_id = bytes([self.ids.get(key_name, 0) + 1])  # later versions have greater CKA_IDs
+        self.ids[key_name] = key_id[0]
+        label = self._label(key_name)
+        if kty == "AES":
+            softhsm.create_aes_key(softhsm.TOKEN, softhsm.PIN, label, key_id, bits=bits)
+        else:
+            softhsm.create_rsa_key(softhsm.TOKEN, softhsm.PIN, label, key_id, bits)
+        return Created(key_id.hex())
+
+    def set_enabled(self, key_name: str, version: str, enabled: bool) -> None:
+        versions = [version] if version else [f"{i:02x}" for i in range(1, self.ids[key_name] + 1)]
+        for v in versions:
+            softhsm.set_key_usable(
+                softhsm.TOKEN, softhsm.PIN, self._label(key_name), bytes.fromhex(v), enabled
+            )
+
+    def set_deleted(self, key_name: str, deleted: bool) -> None:
+        self.set_enabled(key_name, "", not deleted)  # as good as deleted for the broker
+
+
+@pytest.fixture(params=["pkcs11", "dev-vault"])
+def vault_kind(request: pytest.FixtureRequest) -> str:
+    kind: str = request.param
+    return kind
+
+
 @pytest.fixture
-def cmk_settings(settings: Settings) -> Settings:
-    return replace(
+def cmk_settings(settings: Settings, vault_kind: str, request: pytest.FixtureRequest) -> Settings:
+    settings = replace(
         settings,
         dev_vault=True,
         cache_ttl=timedelta(minutes=5),
         cmk_failure_ttl=timedelta(seconds=0.3),
     )
+    if vault_kind == "pkcs11":
+        request.getfixturevalue("softhsm_token")
+        settings = replace(
+            settings,
+            pkcs11_module=softhsm.MODULE,
+            pkcs11_pin=softhsm.PIN,
+            # SoftHSM 2.6 offers RSA-OAEP with SHA-1 only.
+            pkcs11_allow_oaep_sha1=True,
+        )
+    return settings
 
 
 @pytest.fixture
-def vault(cmk_settings: Settings) -> DevVaultStore:
+def dev_store(cmk_settings: Settings) -> DevVaultStore:
     cmk_settings.data_dir.mkdir(parents=True, exist_ok=True)
     return DevVaultStore(cmk_settings.data_dir / FILE_NAME)
+
+
+@pytest.fixture
+def vault(vault_kind: str, dev_store: DevVaultStore) -> CustomerVault:
+    return Hsm() if vault_kind == "pkcs11" else DevVault(dev_store)
 
 
 @pytest_asyncio.fixture
@@ -50,10 +143,8 @@ async def kb(cmk_settings: Settings) -> AsyncIterator[BrokerUnderTest]:
         yield b
 
 
-def ref(key_name: str, version: str = "") -> pb.CustomerKeyReference:
-    return pb.CustomerKeyReference(
-        provider="dev-vault", vault="dev", key_name=key_name, version=version
-    )
+def key_id_of(key: pb.CustomerKeyReference) -> str:
+    return f"{key.provider}:{key.vault}/{key.key_name}/{key.version}"
 
 
 async def data_keys(kb: BrokerUnderTest, names: tuple[str, ...] = (MODEL, RESULT)) -> Keys:
@@ -103,15 +194,15 @@ def drop_cache(kb: BrokerUnderTest) -> None:
 
 @pytest.mark.asyncio
 async def test_enable_rewraps_every_version_and_starts_fresh_ones(
-    kb: BrokerUnderTest, vault: DevVaultStore
+    kb: BrokerUnderTest, vault: CustomerVault
 ) -> None:
     v = vault.create_key("k1", "RSA", 2048)
     await kb.stub.CreateResource(pb.CreateResourceRequest(resource_id="r1"))
     before = await data_keys(kb)
     roots_before = await version_roots(kb)
 
-    resource = await enable(kb, ref("k1", v.version))
-    key_id = f"dev-vault:dev/k1/{v.version}"
+    resource = await enable(kb, vault.ref("k1", v.version))
+    key_id = key_id_of(vault.ref("k1", v.version))
     assert resource.customer_managed_key.key_id == key_id
     assert list(resource.customer_managed_key.scope) == [pb.MODELS, pb.RESULTS]
     for enc in resource.encryption:
@@ -141,11 +232,11 @@ async def test_enable_rewraps_every_version_and_starts_fresh_ones(
 
 @pytest.mark.asyncio
 async def test_revocation_refuses_data_keys_until_access_returns(
-    kb: BrokerUnderTest, vault: DevVaultStore
+    kb: BrokerUnderTest, vault: CustomerVault
 ) -> None:
     v = vault.create_key("k1", "AES", 256)
     await kb.stub.CreateResource(pb.CreateResourceRequest(resource_id="r1"))
-    await enable(kb, ref("k1", v.version))
+    await enable(kb, vault.ref("k1", v.version))
     keys = await data_keys(kb)
     vault.set_enabled("k1", "", False)
     drop_cache(kb)  # stands in for the cache TTL passing
@@ -173,11 +264,11 @@ async def test_revocation_refuses_data_keys_until_access_returns(
 
 @pytest.mark.asyncio
 async def test_a_failure_seen_drops_every_cached_key_of_the_resource_at_once(
-    kb: BrokerUnderTest, vault: DevVaultStore
+    kb: BrokerUnderTest, vault: CustomerVault
 ) -> None:
     v = vault.create_key("k1", "AES", 256)
     await kb.stub.CreateResource(pb.CreateResourceRequest(resource_id="r1"))
-    await enable(kb, ref("k1", v.version))
+    await enable(kb, vault.ref("k1", v.version))
     model_key, result_key = await data_keys(kb)  # both versions now cached
     vault.set_enabled("k1", "", False)
     # The models key is still cached; the results version is evicted and must be reloaded.
@@ -192,11 +283,11 @@ async def test_a_failure_seen_drops_every_cached_key_of_the_resource_at_once(
 
 @pytest.mark.asyncio
 async def test_deletes_work_while_the_customer_key_is_revoked(
-    kb: BrokerUnderTest, vault: DevVaultStore
+    kb: BrokerUnderTest, vault: CustomerVault
 ) -> None:
     v = vault.create_key("k1", "AES", 256)
     await kb.stub.CreateResource(pb.CreateResourceRequest(resource_id="r1"))
-    await enable(kb, ref("k1", v.version))
+    await enable(kb, vault.ref("k1", v.version))
     vault.set_enabled("k1", "", False)
     drop_cache(kb)
     reply = await kb.stub.DeleteResource(pb.DeleteResourceRequest(name="resources/r1"))
@@ -205,19 +296,19 @@ async def test_deletes_work_while_the_customer_key_is_revoked(
 
 @pytest.mark.asyncio
 async def test_new_key_version_rewraps_only_and_another_key_starts_a_fresh_version(
-    kb: BrokerUnderTest, vault: DevVaultStore
+    kb: BrokerUnderTest, vault: CustomerVault
 ) -> None:
     v1 = vault.create_key("k1", "RSA", 2048)
     await kb.stub.CreateResource(pb.CreateResourceRequest(resource_id="r1"))
     keys = await data_keys(kb)
-    await enable(kb, ref("k1", v1.version))
+    await enable(kb, vault.ref("k1", v1.version))
     keys += await data_keys(kb)
 
     v2 = vault.create_key("k1", "RSA", 2048)  # the customer rotates their key
     rotated = await kb.stub.UpdateCustomerManagedKey(
-        pb.UpdateCustomerManagedKeyRequest(name="resources/r1", key=ref("k1", v2.version))
+        pb.UpdateCustomerManagedKeyRequest(name="resources/r1", key=vault.ref("k1", v2.version))
     )
-    new_id = f"dev-vault:dev/k1/{v2.version}"
+    new_id = key_id_of(vault.ref("k1", v2.version))
     assert rotated.resource.customer_managed_key.key_id == new_id
     assert all(e.current_key_version.endswith("/versions/2") for e in rotated.resource.encryption)
     assert {root for root, _ in (await version_roots(kb)).values()} == {new_id}
@@ -227,7 +318,7 @@ async def test_new_key_version_rewraps_only_and_another_key_starts_a_fresh_versi
 
     k2 = vault.create_key("k2", "AES", 256)
     moved = await kb.stub.UpdateCustomerManagedKey(
-        pb.UpdateCustomerManagedKeyRequest(name="resources/r1", key=ref("k2", k2.version))
+        pb.UpdateCustomerManagedKeyRequest(name="resources/r1", key=vault.ref("k2", k2.version))
     )
     assert all(e.current_key_version.endswith("/versions/3") for e in moved.resource.encryption)
     vault.set_enabled("k1", "", False)
@@ -237,11 +328,11 @@ async def test_new_key_version_rewraps_only_and_another_key_starts_a_fresh_versi
 
 @pytest.mark.asyncio
 async def test_follow_latest_moves_to_a_new_version_when_polled(
-    kb: BrokerUnderTest, vault: DevVaultStore
+    kb: BrokerUnderTest, vault: CustomerVault
 ) -> None:
     v1 = vault.create_key("k1", "AES", 256)
     await kb.stub.CreateResource(pb.CreateResourceRequest(resource_id="r1"))
-    resource = await enable(kb, ref("k1"), follow=True)
+    resource = await enable(kb, vault.ref("k1"), follow=True)
     assert resource.customer_managed_key.key.version == v1.version
     assert resource.customer_managed_key.follow_latest
     keys = await data_keys(kb)
@@ -264,12 +355,12 @@ async def test_follow_latest_moves_to_a_new_version_when_polled(
 
 @pytest.mark.asyncio
 async def test_disable_returns_to_service_managed_keys_without_data_loss(
-    kb: BrokerUnderTest, vault: DevVaultStore
+    kb: BrokerUnderTest, vault: CustomerVault
 ) -> None:
     v = vault.create_key("k1", "RSA", 2048)
     await kb.stub.CreateResource(pb.CreateResourceRequest(resource_id="r1"))
     keys = await data_keys(kb)
-    await enable(kb, ref("k1", v.version))
+    await enable(kb, vault.ref("k1", v.version))
     keys += await data_keys(kb)
     reply = await kb.stub.DisableCustomerManagedKey(
         pb.DisableCustomerManagedKeyRequest(name="resources/r1")
@@ -288,12 +379,12 @@ async def test_disable_returns_to_service_managed_keys_without_data_loss(
 
 @pytest.mark.asyncio
 async def test_legacy_import_covers_models_only_until_disabled_and_enabled_again(
-    kb: BrokerUnderTest, vault: DevVaultStore
+    kb: BrokerUnderTest, vault: CustomerVault
 ) -> None:
     v = vault.create_key("k1", "AES", 256)
     request = pb.ImportResourceRequest(
         resource_id="r1",
-        customer_managed_key=ref("k1", v.version),
+        customer_managed_key=vault.ref("k1", v.version),
         legacy_customer_managed_key_scope=True,
     )
     request.create_time.FromDatetime(datetime(2022, 1, 1, tzinfo=UTC))
@@ -306,7 +397,7 @@ async def test_legacy_import_covers_models_only_until_disabled_and_enabled_again
     await kb.stub.DisableCustomerManagedKey(
         pb.DisableCustomerManagedKeyRequest(name="resources/r1")
     )
-    upgraded = await enable(kb, ref("k1", v.version))
+    upgraded = await enable(kb, vault.ref("k1", v.version))
     assert list(upgraded.customer_managed_key.scope) == [pb.MODELS, pb.RESULTS]
     assert {e.key_source for e in upgraded.encryption} == {pb.CUSTOMER_MANAGED}
     drop_cache(kb)
@@ -315,7 +406,7 @@ async def test_legacy_import_covers_models_only_until_disabled_and_enabled_again
 
 @pytest.mark.asyncio
 async def test_resources_created_before_the_cutoff_are_refused(
-    kb: BrokerUnderTest, vault: DevVaultStore
+    kb: BrokerUnderTest, vault: CustomerVault
 ) -> None:
     v = vault.create_key("k1", "AES", 256)
     request = pb.ImportResourceRequest(resource_id="r1")
@@ -323,7 +414,7 @@ async def test_resources_created_before_the_cutoff_are_refused(
     await kb.stub.ImportResource(request)
     digest = await state_digest(kb.engine)
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await enable(kb, ref("k1", v.version))
+        await enable(kb, vault.ref("k1", v.version))
     assert_error(
         err.value, grpc.StatusCode.FAILED_PRECONDITION, "RESOURCE_CREATED_BEFORE_CMK_CUTOFF"
     )
@@ -332,21 +423,27 @@ async def test_resources_created_before_the_cutoff_are_refused(
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize("vault_kind", ["dev-vault"], indirect=True)
 async def test_unfit_keys_and_vaults_are_refused_precisely(
-    kb: BrokerUnderTest, vault: DevVaultStore
+    kb: BrokerUnderTest, dev_store: DevVaultStore
 ) -> None:
+    vault = DevVault(dev_store)
     await kb.stub.CreateResource(pb.CreateResourceRequest(resource_id="r1"))
     v = vault.create_key("small", "AES", 256)
-    data = json.loads(vault.path.read_text())
+    data = json.loads(dev_store.path.read_text())
     data["keys"]["small"]["versions"][0]["size"] = 128  # an AES-128 key
-    vault.path.write_text(json.dumps(data))
+    dev_store.path.write_text(json.dumps(data))
     good = vault.create_key("good", "RSA", 2048)
     digest = await state_digest(kb.engine)
     cases: list[tuple[pb.CustomerKeyReference, grpc.StatusCode, str]] = [
-        (ref("small", v.version), grpc.StatusCode.FAILED_PRECONDITION, "UNSUPPORTED_CUSTOMER_KEY"),
-        (ref("missing", "00"), grpc.StatusCode.FAILED_PRECONDITION, "CUSTOMER_KEY_NOT_FOUND"),
-        (ref("good", "ffff"), grpc.StatusCode.FAILED_PRECONDITION, "CUSTOMER_KEY_NOT_FOUND"),
-        (ref("good", ""), grpc.StatusCode.INVALID_ARGUMENT, "MISSING_FIELD"),
+        (
+            vault.ref("small", v.version),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "UNSUPPORTED_CUSTOMER_KEY",
+        ),
+        (vault.ref("missing", "00"), grpc.StatusCode.FAILED_PRECONDITION, "CUSTOMER_KEY_NOT_FOUND"),
+        (vault.ref("good", "ffff"), grpc.StatusCode.FAILED_PRECONDITION, "CUSTOMER_KEY_NOT_FOUND"),
+        (vault.ref("good", ""), grpc.StatusCode.INVALID_ARGUMENT, "MISSING_FIELD"),
         (
             pb.CustomerKeyReference(provider="kms9", vault="v", key_name="k", version="1"),
             grpc.StatusCode.INVALID_ARGUMENT,
@@ -364,12 +461,12 @@ async def test_unfit_keys_and_vaults_are_refused_precisely(
         assert_error(err.value, code, reason)
     vault.set_enabled("good", "", False)
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await enable(kb, ref("good", good.version))
+        await enable(kb, vault.ref("good", good.version))
     assert_error(err.value, grpc.StatusCode.FAILED_PRECONDITION, "CUSTOMER_KEY_UNAVAILABLE")
     vault.set_enabled("good", "", True)
-    vault.set_flags(soft_delete=True, purge_protection=False)
+    dev_store.set_flags(soft_delete=True, purge_protection=False)
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await enable(kb, ref("good", good.version))
+        await enable(kb, vault.ref("good", good.version))
     assert_error(
         err.value, grpc.StatusCode.FAILED_PRECONDITION, "CUSTOMER_KEY_VAULT_NOT_RECOVERABLE"
     )
@@ -383,7 +480,7 @@ async def test_unfit_keys_and_vaults_are_refused_precisely(
 
 @pytest.mark.asyncio
 async def test_a_stored_key_whose_inner_seal_belongs_to_another_resource_is_refused(
-    kb: BrokerUnderTest, vault: DevVaultStore
+    kb: BrokerUnderTest, vault: CustomerVault
 ) -> None:
     # Both resources sit under the same customer key, so the outer layer of one resource's
     # stored version opens for the other too; the inner service seal is what binds it.
@@ -391,7 +488,9 @@ async def test_a_stored_key_whose_inner_seal_belongs_to_another_resource_is_refu
     for rid in ("r1", "r2"):
         await kb.stub.CreateResource(pb.CreateResourceRequest(resource_id=rid))
         await kb.stub.EnableCustomerManagedKey(
-            pb.EnableCustomerManagedKeyRequest(name=f"resources/{rid}", key=ref("k1", v.version))
+            pb.EnableCustomerManagedKeyRequest(
+                name=f"resources/{rid}", key=vault.ref("k1", v.version)
+            )
         )
     ((name, wrapped, _),) = await data_keys(kb, (MODEL,))
     async with kb.engine.begin() as conn:
@@ -410,11 +509,11 @@ async def test_a_stored_key_whose_inner_seal_belongs_to_another_resource_is_refu
 
 @pytest.mark.asyncio
 async def test_concurrent_decrypts_on_a_cold_cache_make_one_vault_call_per_key(
-    kb: BrokerUnderTest, vault: DevVaultStore
+    kb: BrokerUnderTest, vault: CustomerVault
 ) -> None:
     v = vault.create_key("k1", "RSA", 2048)
     await kb.stub.CreateResource(pb.CreateResourceRequest(resource_id="r1"))
-    await enable(kb, ref("k1", v.version))
+    await enable(kb, vault.ref("k1", v.version))
     ((name, wrapped, plaintext),) = await data_keys(kb, (MODEL,))
     drop_cache(kb)
     before = kb.running.broker.keys.cache.counters.loads

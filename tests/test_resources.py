@@ -3,6 +3,7 @@ status, and the audit record of every state change."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import sqlite3
 from collections.abc import AsyncIterator
@@ -480,12 +481,16 @@ async def database_write_lock(database_url: str) -> AsyncIterator[None]:
     """Holds the database's write lock (SQLite) or the resources table (PostgreSQL) meanwhile."""
     url = make_url(database_url)
     if url.get_backend_name() == "sqlite":
-        conn = sqlite3.connect(str(url.database), isolation_level=None)
-        conn.execute("BEGIN IMMEDIATE")
+        # In a thread: the broker runs on this event loop, and a lock wait that blocked the loop
+        # would keep the broker from finishing the transaction it waits for.
+        conn = sqlite3.connect(
+            str(url.database), isolation_level=None, timeout=30, check_same_thread=False
+        )
+        await asyncio.to_thread(conn.execute, "BEGIN IMMEDIATE")
         try:
             yield
         finally:
-            conn.execute("ROLLBACK")
+            await asyncio.to_thread(conn.execute, "ROLLBACK")
             conn.close()
         return
     pg = await asyncpg.connect(url.set(drivername="postgresql").render_as_string(False))

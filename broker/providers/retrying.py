@@ -52,3 +52,9 @@ class RetryingProvider:
 
     async def describe(self, key: KeyReference) -> KeyDescription:
         return await self._retry(lambda: self._inner.describe(key))
+
+    async def aclose(self) -> None:
+        """Closes the wrapped provider's clients, if it holds any."""
+        close = getattr(self._inner, "aclose", None)
+        if close is not None:
+            await close()
