@@ -124,13 +124,17 @@ async def serve(
     *,
     migrate: bool = False,
     now: Callable[[], datetime] = utc_now,
+    providers: ProviderRegistry | None = None,
     task_status: TaskStatus[Running] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Runs the broker until `stop` is set (see the module docstring)."""
+    """Runs the broker until `stop` is set (see the module docstring). `providers` replaces the
+    root-key providers the settings configure (tests inject a test credential this way)."""
     settings.check_listen()
     settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     with data_dir_lock.locked(settings.data_dir, exclusive=False):
-        await _serve(settings, stop, migrate=migrate, now=now, task_status=task_status)
+        await _serve(
+            settings, stop, migrate=migrate, now=now, providers=providers, task_status=task_status
+        )
 
 
 async def _serve(
@@ -139,6 +143,7 @@ async def _serve(
     *,
     migrate: bool,
     now: Callable[[], datetime],
+    providers: ProviderRegistry | None,
     task_status: TaskStatus[Running],
 ) -> None:
     engine = create_engine(settings.database)
@@ -147,7 +152,7 @@ async def _serve(
             await schema.upgrade(engine)
         else:
             await schema.require_current(engine)
-        broker = await build_broker(settings, engine, now)
+        broker = await build_broker(settings, engine, now, providers)
         server = grpc.aio.server(interceptors=[ErrorInterceptor()])
         pb_grpc.add_KeyBrokerServicer_to_server(broker.service, server)
         health_servicer = health.aio.HealthServicer()

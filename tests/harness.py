@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from broker.api import key_broker_pb2_grpc as pb_grpc
 from broker.errors import ERROR_DOMAIN, ConfigurationError
+from broker.root_keys import ProviderRegistry
 from broker.server import Running, serve
 from broker.settings import Settings
 
@@ -65,7 +66,11 @@ async def refusal(settings: Settings) -> str:
 
 @asynccontextmanager
 async def running_broker(
-    settings: Settings, clock: Clock | None = None, *, migrate: bool = False
+    settings: Settings,
+    clock: Clock | None = None,
+    *,
+    migrate: bool = False,
+    providers: ProviderRegistry | None = None,
 ) -> AsyncIterator[BrokerUnderTest]:
     """Runs `serve` in a task of its own (its task group opens and closes there) until exit."""
     clock = clock or Clock()
@@ -74,7 +79,9 @@ async def running_broker(
 
     async def supervise() -> None:
         async with anyio.create_task_group() as tg:
-            running = await tg.start(partial(serve, settings, stop, migrate=migrate, now=clock.now))
+            running = await tg.start(
+                partial(serve, settings, stop, migrate=migrate, now=clock.now, providers=providers)
+            )
             started.set_result(running)
 
     task = asyncio.create_task(supervise())
