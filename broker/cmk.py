@@ -234,7 +234,11 @@ class CustomerKeys:
         for row in due:
             current = customer_reference(row)
             try:
-                latest = await self.check_key(current.at(""))
+                provider = self._keys.providers.get(current.provider)
+                try:
+                    latest = (await provider.describe(current.at(""))).reference
+                except ProviderError as exc:
+                    raise describe_error(exc, current) from None
                 if latest.version == current.version:
                     async with self._sessions.begin() as session:
                         fresh = await session.get(CustomerKeyRow, row.resource_id)
@@ -242,6 +246,7 @@ class CustomerKeys:
                             fresh.checked_time = now
                     continue
                 ev = event("RotateCustomerManagedKey", resource_name(row.resource_id))
+                # update() runs the full checks (type, size, probe) on the new version.
                 await self.update(row.resource_id, latest, True, ev)
                 moved += 1
             except KeybrokerError as exc:
@@ -308,7 +313,7 @@ class CustomerKeys:
                 old_root = self._keys.root_of(resource.id, version.root_key_id, old_customer)
                 if old_root.key_id == new_root.key_id:
                     continue
-                sealed = await self._old_seal(old_root, version)
+                sealed = await old_root.unprotect(version.wrapped_key)
                 version.wrapped_key = await new_root.protect(sealed)
                 version.root_key_id = new_root.key_id
                 event.key_ids.add(old_root.key_id)
@@ -324,10 +329,6 @@ class CustomerKeys:
                 ring.current_version = row.version
                 event.key_ids.add(key_version_name(resource.id, purpose, row.version))
         self._keys.forget(resource.id)
-
-    async def _old_seal(self, old_root: Root, version: KeyVersionRow) -> bytes:
-        assert version.wrapped_key is not None
-        return await old_root.unprotect(version.wrapped_key)
 
     async def _done(self, resource_id: str) -> ResourceView:
         self._keys.forget(resource_id)
