@@ -1,4 +1,5 @@
-"""The service master key: a key file in the data directory that seals service-managed root keys.
+"""The service master key: a key file in the data directory that seals service-managed root keys
+(or, with `master_key_pkcs11_label` set, a key in a PKCS#11 token: broker.master_key_pkcs11).
 
 File format, version 1 (85 bytes, mode 0600):
 
@@ -23,6 +24,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from broker.errors import ConfigurationError
+from broker.sealing import Aead
 
 MAGIC = b"KBMK"
 FORMAT_V1 = 0x01
@@ -36,10 +38,14 @@ NEXT_FILE_NAME = "master.key.next"
 
 @dataclass(frozen=True)
 class MasterKey:
-    """One master key: its id (`masterKeys/{hex}`) and an AES-256-GCM object keyed with it."""
+    """One master key: its id and the AES-256-GCM object that seals root keys with it.
+
+    From the key file: `masterKeys/{hex}` and an AESGCM keyed with the file's key. From a PKCS#11
+    token: `pkcs11:{token}/{label}/{cka_id hex}` and an object running AES-GCM inside the token
+    (broker.master_key_pkcs11); sealed root keys have the same format either way."""
 
     key_id: str
-    aead: AESGCM = field(repr=False)
+    aead: Aead = field(repr=False)
 
 
 def _check_value(key: bytes, raw_id: bytes) -> bytes:

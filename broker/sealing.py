@@ -14,9 +14,9 @@ to open. A random 96-bit nonce is safe here: a key-encryption key seals at most 
 from __future__ import annotations
 
 import os
+from typing import Protocol
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from broker import associated_data
 
@@ -24,6 +24,16 @@ FORMAT_V1 = 0x01
 NONCE_SIZE = 12
 TAG_SIZE = 16
 _DOMAIN = b"keybroker/sealed-key/v1"
+
+
+class Aead(Protocol):
+    """A key-encryption key with AESGCM's shape: cryptography's AESGCM, or the master key in a
+    PKCS#11 token (broker.master_key_pkcs11). `decrypt` raises cryptography's InvalidTag when
+    the ciphertext does not authenticate; any other exception passes through unseal."""
+
+    def encrypt(self, nonce: bytes, data: bytes, associated_data: bytes) -> bytes: ...
+
+    def decrypt(self, nonce: bytes, data: bytes, associated_data: bytes) -> bytes: ...
 
 
 class UnsealError(Exception):
@@ -34,13 +44,13 @@ def _aad(label: bytes, context: tuple[bytes, ...]) -> bytes:
     return associated_data.encode(_DOMAIN, label, *context)
 
 
-def seal(kek: AESGCM, key: bytes, label: bytes, context: tuple[bytes, ...]) -> bytes:
+def seal(kek: Aead, key: bytes, label: bytes, context: tuple[bytes, ...]) -> bytes:
     """Seals `key` under `kek`, bound to `label` and `context`."""
     nonce = os.urandom(NONCE_SIZE)
     return bytes([FORMAT_V1]) + nonce + kek.encrypt(nonce, key, _aad(label, context))
 
 
-def unseal(kek: AESGCM, sealed: bytes, label: bytes, context: tuple[bytes, ...]) -> bytes:
+def unseal(kek: Aead, sealed: bytes, label: bytes, context: tuple[bytes, ...]) -> bytes:
     """Opens a sealed key; raises UnsealError on any mismatch."""
     if len(sealed) < 1 + NONCE_SIZE + TAG_SIZE or sealed[0] != FORMAT_V1:
         raise UnsealError
