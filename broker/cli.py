@@ -37,12 +37,12 @@ from broker.errors import ConfigurationError
 from broker.master_keyring import rotate_master_key
 from broker.providers.dev_vault import FILE_NAME as DEV_VAULT_FILE
 from broker.providers.dev_vault import DevVaultStore
-from broker.server import serve
+from broker.server import serve, utc_now
 from broker.settings import Settings
 
 log = logging.getLogger("keybroker")
 
-_SETTING_FLAGS = ("data_dir", "listen", "database_url", "log_level")
+_SETTING_FLAGS = ("data_dir", "listen", "database_url", "log_level", "broker_address")
 
 
 def _add_setting_flags(p: argparse.ArgumentParser) -> None:
@@ -68,9 +68,13 @@ def _parser() -> argparse.ArgumentParser:
     for name, help_text in (
         ("up", "run everything on the embedded default (SQLite, key file) in one process"),
         ("broker", "run the KeyBroker server (the database must be migrated)"),
+        ("workers", "run the Storage server, retention and jobs (needs --broker-address)"),
         ("migrate", "upgrade the database schema to this version"),
     ):
-        _add_setting_flags(sub.add_parser(name, help=help_text))
+        p = sub.add_parser(name, help=help_text)
+        _add_setting_flags(p)
+        if name == "workers":
+            p.add_argument("--broker-address", dest="broker_address", help="the broker's HOST:PORT")
 
     mk = sub.add_parser("master-key", help="master key administration (offline)")
     mk_sub = mk.add_subparsers(dest="action", required=True)
@@ -270,7 +274,9 @@ async def _list_all(stub: pb_grpc.KeyBrokerAsyncStub, page_size: int) -> int:
             return 0
 
 
-async def _serve_until_signal(settings: Settings, *, migrate: bool) -> int:
+async def _serve_until_signal(
+    settings: Settings, *, migrate: bool, with_storage: bool = False, workers_only: bool = False
+) -> int:
     stop = anyio.Event()
     async with anyio.create_task_group() as tg:
 
@@ -282,7 +288,12 @@ async def _serve_until_signal(settings: Settings, *, migrate: bool) -> int:
                     return
 
         tg.start_soon(watch_signals)
-        await serve(settings, stop, migrate=migrate)
+        if workers_only:
+            from workers.server import serve_workers
+
+            await serve_workers(settings, stop, now=utc_now)
+        else:
+            await serve(settings, stop, migrate=migrate, with_storage=with_storage)
         tg.cancel_scope.cancel()
     return 0
 
@@ -349,7 +360,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 # The embedded default offers the dev vault for trying customer-managed keys.
                 replace(settings, dev_vault=True),
                 migrate=settings.database.startswith("sqlite"),
+                with_storage=True,
             ),
+            "workers": lambda: _serve_until_signal(settings, migrate=False, workers_only=True),
             "broker": lambda: _serve_until_signal(settings, migrate=False),
             "migrate": lambda: _migrate(settings),
             "master-key": lambda: _rotate_master(settings),

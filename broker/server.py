@@ -12,6 +12,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import anyio
 import grpc
@@ -34,6 +35,7 @@ from broker.key_cache import KeyCache
 from broker.keys import KeyStore, UsableKey
 from broker.lifecycle import Lifecycle, LifecyclePolicy
 from broker.master_key import MasterKey
+from broker.master_key_pkcs11 import MasterKeyUnavailable
 from broker.master_keyring import open_master_key
 from broker.root_keys import CustomerKeyUnavailable, ProviderRegistry, registry_from_settings
 from broker.service import VERSION, KeyBrokerService
@@ -76,8 +78,11 @@ async def build_broker(
         ttl=settings.cache_ttl.total_seconds(),
         max_entries=settings.cache_max_entries,
         failure_ttl=settings.cmk_failure_ttl.total_seconds(),
-        # A revoked or unreachable customer key is asked again only after failure_ttl.
-        remember_failure=lambda exc: isinstance(exc, CustomerKeyUnavailable | Unavailable),
+        # A revoked or unreachable customer key, or a master key switched off in its PKCS#11
+        # token, is asked again only after failure_ttl.
+        remember_failure=lambda exc: isinstance(
+            exc, CustomerKeyUnavailable | Unavailable | MasterKeyUnavailable
+        ),
     )
     keys = KeyStore(
         sessions, {master.key_id: master}, cache, providers or registry_from_settings(settings)
@@ -116,6 +121,8 @@ class Running:
 
     port: int
     broker: Broker
+    # The workers, when they run in the same process (keybroker up).
+    storage: Any = None
 
 
 async def serve(
@@ -125,6 +132,7 @@ async def serve(
     migrate: bool = False,
     now: Callable[[], datetime] = utc_now,
     providers: ProviderRegistry | None = None,
+    with_storage: bool = False,
     task_status: TaskStatus[Running] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Runs the broker until `stop` is set (see the module docstring). `providers` replaces the
@@ -133,7 +141,13 @@ async def serve(
     settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     with data_dir_lock.locked(settings.data_dir, exclusive=False):
         await _serve(
-            settings, stop, migrate=migrate, now=now, providers=providers, task_status=task_status
+            settings,
+            stop,
+            migrate=migrate,
+            now=now,
+            providers=providers,
+            with_storage=with_storage,
+            task_status=task_status,
         )
 
 
@@ -144,6 +158,7 @@ async def _serve(
     migrate: bool,
     now: Callable[[], datetime],
     providers: ProviderRegistry | None,
+    with_storage: bool,
     task_status: TaskStatus[Running],
 ) -> None:
     engine = create_engine(settings.database)
@@ -155,16 +170,32 @@ async def _serve(
         broker = await build_broker(settings, engine, now, providers)
         server = grpc.aio.server(interceptors=[ErrorInterceptor()])
         pb_grpc.add_KeyBrokerServicer_to_server(broker.service, server)
+        services = [SERVICE_NAME]
+        port = server.add_insecure_port(settings.listen)
+        storage_stopping = anyio.Event()
+        storage = None
+        if with_storage:
+            # keybroker up: the workers share this server, and reach the broker on this very
+            # port through the stubs. Imported here: the broker does not depend on the workers.
+            from workers.server import SERVICE_NAME as STORAGE_NAME
+            from workers.server import build_storage, run_background
+            from workers.storage_service import add_to_server
+
+            own_channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+            storage = build_storage(settings, engine, own_channel, now)
+            add_to_server(storage.service, server)
+            services.append(STORAGE_NAME)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+            (*services, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
-        port = server.add_insecure_port(settings.listen)
         async with anyio.create_task_group() as tg:
             await tg.start(broker.audit.run)
             await server.start()
-            for name in (SERVICE_NAME, ""):
+            if storage is not None:
+                await tg.start(run_background, storage, settings, storage_stopping)
+            for name in (*services, ""):
                 await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
             janitor_scope = anyio.CancelScope()
 
@@ -176,17 +207,20 @@ async def _serve(
 
             tg.start_soon(run_janitor)
             log.info("broker listening on %s (port %d)", settings.listen, port)
-            task_status.started(Running(port, broker))
+            task_status.started(Running(port, broker, storage))
             await stop.wait()
             log.info("draining: health NOT_SERVING, finishing in-flight calls")
             with anyio.CancelScope(shield=True):
                 await health_servicer.enter_graceful_shutdown()
+                storage_stopping.set()  # the job runner gives its job back, the sweeper stops
                 await server.stop(settings.shutdown_grace.total_seconds())
                 await broker.service.detached.wait_all()
                 janitor_scope.cancel()
                 broker.audit.close()  # audit.run returns once everything pending is durable
             with anyio.CancelScope(shield=True):
                 await broker.keys.providers.aclose()
+                if storage is not None:
+                    await own_channel.close()
         log.info("broker stopped; %d audit records committed", broker.audit.records_committed)
     finally:
         await engine.dispose()

@@ -59,8 +59,32 @@ class Settings:
     pkcs11_pin: str = ""
     # RSA-OAEP with SHA-1 (for tokens without OAEP-SHA256, such as SoftHSM 2.6); off by default.
     pkcs11_allow_oaep_sha1: bool = False
+    # The service master key in a PKCS#11 token instead of the key file (empty: the key file): a
+    # key label in the token labelled master_key_pkcs11_token, opened with pkcs11_module and
+    # pkcs11_pin. Versions are CKA_IDs under the label (broker.master_key_pkcs11).
+    master_key_pkcs11_label: str = ""
+    master_key_pkcs11_token: str = ""
     # Azure Key Vault: a CA bundle to trust instead of the system's (a private endpoint's CA).
     azure_ca_bundle: str = ""
+    # Workers.
+    # Where `keybroker workers` finds the broker (`keybroker up` uses its own listen address).
+    broker_address: str = ""
+    # Analyze results live this long after their operation completes (or last changed).
+    result_retention: timedelta = timedelta(hours=24)
+    # How often the retention sweeper runs.
+    sweep_interval: timedelta = timedelta(minutes=1)
+    # Ciphertext segment size of stored objects (Tink's AES-GCM-HKDF streaming format).
+    segment_size: int = 1 << 20
+    # A claimed job's lease; renewed while the job runs.
+    job_lease: timedelta = timedelta(seconds=30)
+    # How often an idle job runner looks for work.
+    job_poll_interval: timedelta = timedelta(seconds=1)
+    # Deadline of each call to the broker.
+    broker_deadline: timedelta = timedelta(seconds=10)
+
+    @property
+    def blob_dir(self) -> Path:
+        return self.data_dir / "blobs"
 
     @property
     def master_key_file(self) -> Path:

@@ -11,6 +11,7 @@ from alembic import context
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import async_engine_from_config
 
+import workers.models  # noqa: F401 -- registers the workers' tables on the shared metadata
 from broker.db.models import Base
 
 config = context.config

@@ -20,6 +20,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from broker.api import key_broker_pb2_grpc as pb_grpc
+from broker.api import storage_pb2_grpc as spb_grpc
 from broker.errors import ERROR_DOMAIN, ConfigurationError
 from broker.root_keys import ProviderRegistry
 from broker.server import Running, serve
@@ -55,6 +56,11 @@ class BrokerUnderTest:
     def engine(self) -> AsyncEngine:
         return self.running.broker.engine
 
+    @property
+    def storage(self) -> Any:
+        """A Storage stub on the same channel (the server must run with_storage)."""
+        return spb_grpc.StorageStub(self.channel)
+
 
 async def refusal(settings: Settings) -> str:
     """Starts a broker that must refuse to start; returns its ConfigurationError's message."""
@@ -71,6 +77,7 @@ async def running_broker(
     *,
     migrate: bool = False,
     providers: ProviderRegistry | None = None,
+    with_storage: bool = False,
 ) -> AsyncIterator[BrokerUnderTest]:
     """Runs `serve` in a task of its own (its task group opens and closes there) until exit."""
     clock = clock or Clock()
@@ -80,7 +87,15 @@ async def running_broker(
     async def supervise() -> None:
         async with anyio.create_task_group() as tg:
             running = await tg.start(
-                partial(serve, settings, stop, migrate=migrate, now=clock.now, providers=providers)
+                partial(
+                    serve,
+                    settings,
+                    stop,
+                    migrate=migrate,
+                    now=clock.now,
+                    providers=providers,
+                    with_storage=with_storage,
+                )
             )
             started.set_result(running)
 

@@ -1,0 +1,149 @@
+"""The workers' client of the KeyBroker service (generated stubs over gRPC).
+
+Each call has a deadline; only UNAVAILABLE is retried (a few times, with backoff and jitter).
+The end caller's identity travels along as `keybroker-on-behalf-of` for the broker's audit.
+Broker errors come back as the workers' own errors: a data key that does not decrypt means the
+stored object is damaged (DATA_LOSS); a revoked customer key or a resource being deleted keep
+their status and reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar, cast
+
+import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from broker.api import key_broker_pb2 as pb
+from broker.api import key_broker_pb2_grpc as pb_grpc
+from broker.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    KeybrokerError,
+    NotFound,
+    Unavailable,
+)
+from broker.identity import ON_BEHALF_OF_KEY
+from workers.errors import StoredObjectCorrupt
+
+T = TypeVar("T")
+ATTEMPTS = 3
+
+
+@dataclass(frozen=True, slots=True)
+class DataKey:
+    plaintext: bytes
+    wrapped: bytes
+    key_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class RewrapResult:
+    """One item of a batch re-wrap: the new wrapped key, or the error that item met."""
+
+    wrapped: bytes | None
+    key_id: str
+    error: KeybrokerError | None
+
+
+def _reason(exc: grpc.aio.AioRpcError) -> str:
+    status: Any = rpc_status.from_call(cast(grpc.Call, exc))
+    for detail in status.details if status is not None else ():
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info):
+            return str(info.reason)
+    return ""
+
+
+def translate(code: int | grpc.StatusCode, reason: str, message: str) -> KeybrokerError:
+    """A broker error, as the workers report it."""
+    if isinstance(code, int):
+        code = next(c for c in grpc.StatusCode if c.value[0] == code)
+    if reason in ("DECRYPTION_FAILED", "STORED_KEY_CORRUPT"):
+        return StoredObjectCorrupt()
+    if code == grpc.StatusCode.NOT_FOUND:
+        return NotFound(reason or "NOT_FOUND", message)
+    if code == grpc.StatusCode.FAILED_PRECONDITION:
+        return FailedPrecondition(reason or "FAILED_PRECONDITION", message)
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return InvalidArgument(reason or "INVALID_ARGUMENT", message)
+    return Unavailable("BROKER_UNAVAILABLE", "the key broker did not answer")
+
+
+class BrokerClient:
+    """Data keys for stored objects, from the broker."""
+
+    def __init__(self, channel: grpc.aio.Channel, deadline: float) -> None:
+        self._stub: Any = pb_grpc.KeyBrokerStub(channel)
+        self._deadline = deadline
+
+    async def _call(
+        self, method: Callable[..., Awaitable[T]], request: Any, on_behalf_of: str
+    ) -> T:
+        metadata = ((ON_BEHALF_OF_KEY, on_behalf_of),) if on_behalf_of else None
+        for attempt in range(ATTEMPTS):
+            try:
+                return await method(request, timeout=self._deadline, metadata=metadata)
+            except grpc.aio.AioRpcError as exc:
+                retry = exc.code() == grpc.StatusCode.UNAVAILABLE and attempt < ATTEMPTS - 1
+                if not retry:
+                    raise translate(exc.code(), _reason(exc), exc.details() or "") from None
+            await asyncio.sleep(random.uniform(0, 0.1 * 2**attempt))  # noqa: S311 -- jitter
+        raise AssertionError("unreachable")
+
+    async def generate(self, name: str, on_behalf_of: str = "") -> DataKey:
+        reply: pb.GenerateDataKeyResponse = await self._call(
+            self._stub.GenerateDataKey, pb.GenerateDataKeyRequest(name=name), on_behalf_of
+        )
+        return DataKey(reply.plaintext_data_key, reply.wrapped_data_key, reply.key_id)
+
+    async def decrypt(self, name: str, wrapped: bytes, on_behalf_of: str = "") -> bytes:
+        request = pb.DecryptDataKeyRequest(name=name, wrapped_data_key=wrapped)
+        reply: pb.DecryptDataKeyResponse = await self._call(
+            self._stub.DecryptDataKey, request, on_behalf_of
+        )
+        return reply.plaintext_data_key
+
+    async def rewrap_batch(
+        self, items: Sequence[tuple[str, bytes]], on_behalf_of: str = ""
+    ) -> list[RewrapResult]:
+        request = pb.BatchRewrapDataKeysRequest(
+            requests=[pb.RewrapDataKeyRequest(name=n, wrapped_data_key=w) for n, w in items]
+        )
+        reply: pb.BatchRewrapDataKeysResponse = await self._call(
+            self._stub.BatchRewrapDataKeys, request, on_behalf_of
+        )
+        out = []
+        for result in reply.results:
+            if result.status.code == 0:
+                r = result.response
+                out.append(
+                    RewrapResult(r.wrapped_data_key if r.rewrapped else None, r.key_id, None)
+                )
+            else:
+                reason = ""
+                for detail in result.status.details:
+                    info = error_details_pb2.ErrorInfo()
+                    if detail.Unpack(info):
+                        reason = info.reason
+                error = translate(result.status.code, reason, result.status.message)
+                out.append(RewrapResult(None, "", error))
+        return out
+
+    async def key_versions(self, resource_id: str, purpose: str) -> list[pb.ResourceKeyVersion]:
+        request = pb.ListResourceKeyVersionsRequest(
+            parent=f"resources/{resource_id}/resourceKeys/{purpose}", page_size=1000
+        )
+        reply: pb.ListResourceKeyVersionsResponse = await self._call(
+            self._stub.ListResourceKeyVersions, request, ""
+        )
+        return list(reply.resource_key_versions)
+
+    async def destroy_version(self, name: str) -> None:
+        request = pb.DestroyResourceKeyVersionRequest(name=name)
+        await self._call(self._stub.DestroyResourceKeyVersion, request, "")

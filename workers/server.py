@@ -1,0 +1,159 @@
+"""Assembling and running the workers: the Storage service, the retention sweeper and the job
+runner, in one anyio task group per process.
+
+`keybroker workers` runs them with a gRPC server of their own and reaches the broker at
+`broker_address`; `keybroker up` attaches them to the broker's server (broker.server), and
+Storage reaches the broker on that same port through the generated stubs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+import anyio
+import grpc
+from anyio.abc import TaskStatus
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from broker.api import storage_pb2 as spb
+from broker.audit import AuditLog
+from broker.db import schema
+from broker.db.engine import create_engine, is_postgresql, session_factory
+from broker.errors import ConfigurationError
+from broker.interceptors import ErrorInterceptor
+from broker.settings import Settings
+from workers import retention
+from workers.broker_client import BrokerClient
+from workers.fs_blobs import filesystem_blob_store
+from workers.job_handlers import JobContext
+from workers.jobs import JobQueue
+from workers.objects import ObjectStore
+from workers.runner import run_jobs
+from workers.storage_service import StorageService, add_to_server
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = spb.DESCRIPTOR.services_by_name["Storage"].full_name
+
+
+@dataclass
+class Storage:
+    """The assembled data plane of one process."""
+
+    objects: ObjectStore
+    queue: JobQueue
+    service: StorageService
+    context: JobContext
+    audit: AuditLog
+
+
+def build_storage(
+    settings: Settings,
+    engine: AsyncEngine,
+    broker_channel: grpc.aio.Channel,
+    now: Callable[[], datetime],
+) -> Storage:
+    """Builds the workers over a migrated database and a channel to the broker."""
+    sessions = session_factory(engine)
+    settings.blob_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    blobs = filesystem_blob_store(settings.blob_dir)
+    broker = BrokerClient(broker_channel, settings.broker_deadline.total_seconds())
+    objects = ObjectStore(
+        sessions, blobs, broker, settings.segment_size, settings.result_retention, now
+    )
+    owner = f"{socket.gethostname()[:32]}:{os.getpid()}:{os.urandom(3).hex()}"
+    queue = JobQueue(sessions, owner, settings.job_lease, now, skip_locked=is_postgresql(engine))
+    service = StorageService(objects, queue, sessions, now)
+    return Storage(objects, queue, service, JobContext(sessions, objects, broker), AuditLog(engine))
+
+
+async def run_background(
+    storage: Storage,
+    settings: Settings,
+    stopping: anyio.Event,
+    *,
+    task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """The job runner and the retention sweeper, until `stopping` is set (the runner gives its
+    current job back; the sweeper is cancelled between sweeps)."""
+    async with anyio.create_task_group() as tg:
+        await tg.start(
+            lambda task_status: run_jobs(
+                storage.queue,
+                storage.context,
+                lease=settings.job_lease,
+                poll=settings.job_poll_interval,
+                stopping=stopping,
+                task_status=task_status,
+            )
+        )
+        sweeper = anyio.CancelScope()
+
+        async def sweep_forever() -> None:
+            with sweeper:
+                await retention.run(
+                    storage.objects,
+                    storage.objects.blobs,
+                    storage.context.sessions,
+                    storage.audit,
+                    settings.sweep_interval,
+                )
+
+        tg.start_soon(sweep_forever)
+        task_status.started()
+        await stopping.wait()
+        sweeper.cancel()
+
+
+@dataclass(frozen=True)
+class RunningWorkers:
+    port: int
+    storage: Storage
+
+
+async def serve_workers(
+    settings: Settings,
+    stop: anyio.Event,
+    *,
+    now: Callable[[], datetime],
+    task_status: TaskStatus[RunningWorkers] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """`keybroker workers`: Storage on its own server, the broker at `broker_address`."""
+    settings.check_listen()
+    if not settings.broker_address:
+        raise ConfigurationError("set --broker-address (or KEYBROKER_BROKER_ADDRESS)")
+    engine = create_engine(settings.database)
+    try:
+        await schema.require_current(engine)
+        async with grpc.aio.insecure_channel(settings.broker_address) as channel:
+            storage = build_storage(settings, engine, channel, now)
+            server = grpc.aio.server(interceptors=[ErrorInterceptor()])
+            add_to_server(storage.service, server)
+            health_servicer = health.aio.HealthServicer()
+            health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+            reflection.enable_server_reflection(
+                (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+            )
+            port = server.add_insecure_port(settings.listen)
+            stopping = anyio.Event()
+            async with anyio.create_task_group() as tg:
+                await server.start()
+                await tg.start(run_background, storage, settings, stopping)
+                for name in (SERVICE_NAME, ""):
+                    await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+                log.info("workers listening on %s (port %d)", settings.listen, port)
+                task_status.started(RunningWorkers(port, storage))
+                await stop.wait()
+                with anyio.CancelScope(shield=True):
+                    await health_servicer.enter_graceful_shutdown()
+                    stopping.set()
+                    await server.stop(settings.shutdown_grace.total_seconds())
+    finally:
+        await engine.dispose()
