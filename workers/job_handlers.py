@@ -141,7 +141,7 @@ async def reencrypt(job: JobRow, ctx: JobContext, progress: Progress) -> None:
             return
         name, wrapped, _, blob_key = batch[0]
         obj = parse_object(name)
-        plaintext = ctx.objects.read_decrypted(obj, blob_key, wrapped, CALLER)
+        plaintext = await ctx.objects.open_decrypted(obj, blob_key, wrapped, CALLER)
         stored = await ctx.objects.write_encrypted(obj, plaintext, CALLER)
         await ctx.objects.swap_object(name, blob_key, stored)
         cursor, done = name, done + 1

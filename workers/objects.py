@@ -111,20 +111,22 @@ class ObjectStore:
             await self.blobs.write(blob_key, ciphertext)
         return Stored(blob_key, key.wrapped, key.key_id, size)
 
-    async def read_decrypted(
+    async def open_decrypted(
         self, obj: ObjectName, blob_key: str, wrapped: bytes, caller: str
     ) -> AsyncIterator[bytes]:
-        """Streams the plaintext; raises StoredObjectCorrupt at the first bad segment."""
+        """Unwraps the data key now (so a refusal comes before any byte is sent), and returns
+        the plaintext stream, which raises StoredObjectCorrupt at the first bad segment."""
         key = await self.broker.decrypt(obj.name, wrapped, caller)
+        return self._plaintext(obj, blob_key, key)
+
+    async def _plaintext(self, obj: ObjectName, blob_key: str, key: bytes) -> AsyncIterator[bytes]:
         blob = _closable(self.blobs.read(blob_key))
         plaintext = _closable(decrypt_stream(key, obj.name.encode(), blob, self._segment_size))
         try:
             async with aclosing(blob), aclosing(plaintext):
                 async for chunk in plaintext:
                     yield chunk
-        except StreamAuthenticationError:
-            raise StoredObjectCorrupt from None
-        except BlobNotFound:
+        except (StreamAuthenticationError, BlobNotFound):
             raise StoredObjectCorrupt from None
 
     # -- models ----------------------------------------------------------------------------------
@@ -156,7 +158,7 @@ class ObjectStore:
     async def read_model(self, row: ModelRow, caller: str) -> AsyncIterator[bytes]:
         assert row.wrapped_data_key is not None
         obj = model_name(row.name)
-        return self.read_decrypted(obj, row.blob_key, row.wrapped_data_key, caller)
+        return await self.open_decrypted(obj, row.blob_key, row.wrapped_data_key, caller)
 
     async def list_models(self, resource_id: str, after: str, limit: int) -> list[ModelRow]:
         async with self._sessions() as session:
@@ -291,9 +293,8 @@ class ObjectStore:
     async def read_result(self, row: AnalyzeOperationRow, caller: str) -> AsyncIterator[bytes]:
         if row.status != "succeeded" or row.wrapped_data_key is None or row.blob_key is None:
             raise FailedPrecondition("RESULT_NOT_READY", f"{row.name} is {row.status}")
-        return self.read_decrypted(
-            result_name(row.name), row.blob_key, row.wrapped_data_key, caller
-        )
+        obj = result_name(row.name)
+        return await self.open_decrypted(obj, row.blob_key, row.wrapped_data_key, caller)
 
     async def delete_result(self, name: str) -> None:
         """The seed's Delete Analyze Result: the data key dies now, the blob and row by job."""
