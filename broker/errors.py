@@ -22,6 +22,8 @@ class KeybrokerError(Exception):
         super().__init__(message)
         self.reason = reason
         self.message = message
+        # Versioned key ids involved (for the audit record; never sent to the client).
+        self.key_ids: tuple[str, ...] = ()
 
 
 class InvalidArgument(KeybrokerError):

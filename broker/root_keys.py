@@ -156,6 +156,12 @@ class Root:
             raise self._translate(exc) from None
 
     def _translate(self, exc: ProviderError) -> KeybrokerError:
+        error = self._refusal(exc)
+        if self.customer_key is not None:
+            error.key_ids = (self.customer_key.key_id,)  # the provider outcome is audited
+        return error
+
+    def _refusal(self, exc: ProviderError) -> KeybrokerError:
         key_id = self.customer_key.key_id if self.customer_key else "?"
         if isinstance(exc, KeyUnavailable):
             log.warning("customer key %s of %s unavailable: %s", key_id, self.resource, exc)

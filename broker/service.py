@@ -73,6 +73,7 @@ def audited(
                 response = await fn(self, request, context, event)
             except KeybrokerError as exc:
                 event.outcome, event.reason = exc.code.name, exc.reason
+                event.key_ids.update(exc.key_ids)
                 await self.audit.record(event)
                 raise
             except Exception:
@@ -437,6 +438,7 @@ async def _batch(
             results.append(await one(item))
         except KeybrokerError as exc:
             event.failed_count += 1
+            event.key_ids.update(exc.key_ids)
             results.append(failed(status_proto(exc)))
     return results
 

@@ -249,6 +249,10 @@ async def test_revocation_refuses_data_keys_until_access_returns(
         await kb.stub.GenerateDataKey(pb.GenerateDataKeyRequest(name=MODEL))
     assert_error(err.value, grpc.StatusCode.FAILED_PRECONDITION, "CUSTOMER_KEY_UNAVAILABLE")
     assert await state_digest(kb.engine) == digest  # nothing stored changed
+    # The provider's refusal is audited with the versioned id of the key that refused.
+    refused = [r for r in await audit_rows(kb.engine) if r["reason"] == "CUSTOMER_KEY_UNAVAILABLE"]
+    assert refused
+    assert all(key_id_of(vault.ref("k1", v.version)) in r["key_ids"] for r in refused)
 
     # The failure is remembered briefly: no vault call per request meanwhile.
     calls = kb.running.broker.keys.cache.counters.loads
