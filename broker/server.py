@@ -219,8 +219,9 @@ async def _serve(
                 broker.audit.close()  # audit.run returns once everything pending is durable
             with anyio.CancelScope(shield=True):
                 await broker.keys.providers.aclose()
-                if storage is not None:
-                    await own_channel.close()
+        if storage is not None:
+            # Only now: the workers' background tasks (which call the broker) have ended.
+            await own_channel.close()
         log.info("broker stopped; %d audit records committed", broker.audit.records_committed)
     finally:
         await engine.dispose()

@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 import pytest
 import pytest_asyncio
+from google.protobuf.duration_pb2 import Duration
 from sqlalchemy import text
 
 from broker.api import key_broker_pb2 as pb
@@ -390,3 +391,36 @@ async def test_reencrypt_job_gives_every_object_a_fresh_data_key(kb: BrokerUnder
     assert after[0] != before[0]
     assert after[1] != before[1]
     assert await download(kb, MODEL) == data
+
+
+@pytest.mark.asyncio
+async def test_objects_of_a_deleted_resource_are_unreadable_then_purged_when_destroyed(
+    kb: BrokerUnderTest, storage_settings: Settings
+) -> None:
+    op = await analyze(kb, "a1", b"result bytes")  # uploads MODEL too
+    blob_key, _, _ = await model_row(kb, MODEL)
+    await kb.stub.DeleteResource(pb.DeleteResourceRequest(name="resources/r1"))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await download(kb, MODEL)
+    assert_error(err.value, grpc.StatusCode.FAILED_PRECONDITION, "RESOURCE_DELETE_SCHEDULED")
+
+    storage = kb.running.storage
+    args = (storage.objects, storage.objects.blobs, storage.context.sessions, storage.audit)
+    assert (await sweep(*args)).purged == 0  # not destroyed yet: nothing purged
+    await kb.stub.UndeleteResource(pb.UndeleteResourceRequest(name="resources/r1"))
+    assert await download(kb, MODEL) == b"model"
+
+    zero = Duration()
+    zero.FromTimedelta(timedelta(0))
+    await kb.stub.DeleteResource(pb.DeleteResourceRequest(name="resources/r1", pending_window=zero))
+    assert (await sweep(*args)).purged == 2
+    await wait_jobs_done(kb)
+    assert not (storage_settings.blob_dir / blob_key).exists()
+    async with kb.engine.connect() as conn:
+        for table in ("models", "analyze_operations"):
+            left = (await conn.execute(text(f"SELECT count(*) FROM {table}"))).scalar_one()
+            assert left == 0
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await kb.storage.GetAnalyzeOperation(spb.GetAnalyzeOperationRequest(name=op.name))
+    assert_error(err.value, grpc.StatusCode.NOT_FOUND, "ANALYZE_RESULT_NOT_FOUND")
+    assert (await sweep(*args)).purged == 0  # idempotent

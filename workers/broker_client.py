@@ -135,6 +135,15 @@ class BrokerClient:
                 out.append(RewrapResult(None, "", error))
         return out
 
+    async def resource_state(self, resource_id: str) -> int:
+        """The resource's state (key_broker_pb2.Resource.State); DESTROYED when unknown."""
+        request = pb.GetResourceRequest(name=f"resources/{resource_id}")
+        try:
+            reply: pb.GetResourceResponse = await self._call(self._stub.GetResource, request, "")
+        except NotFound:
+            return int(pb.Resource.DESTROYED)
+        return int(reply.resource.state)
+
     async def key_versions(self, resource_id: str, purpose: str) -> list[pb.ResourceKeyVersion]:
         request = pb.ListResourceKeyVersionsRequest(
             parent=f"resources/{resource_id}/resourceKeys/{purpose}", page_size=1000

@@ -337,6 +337,44 @@ class ObjectStore:
                 await self._shred(session, row, now)
             return len(rows)
 
+    async def resource_ids(self) -> list[str]:
+        """Every resource that has live objects here."""
+        async with self._sessions() as session:
+            models = await session.scalars(select(ModelRow.resource_id).distinct())
+            results = await session.scalars(
+                select(AnalyzeOperationRow.resource_id)
+                .where(AnalyzeOperationRow.deleted.is_(False))
+                .distinct()
+            )
+            return sorted(set(models) | set(results))
+
+    async def purge_resource(self, resource_id: str) -> int:
+        """Shreds every object of a destroyed resource (data keys now, blobs by job); returns
+        how many."""
+        now = self._now()
+        async with self._sessions.begin() as session:
+            models = list(
+                await session.scalars(
+                    select(ModelRow).where(ModelRow.resource_id == resource_id).with_for_update()
+                )
+            )
+            for model in models:
+                jobs.add_job(session, jobs.REMOVE_BLOB, resource_id, now, blob_key=model.blob_key)
+                await session.delete(model)
+            operations = list(
+                await session.scalars(
+                    select(AnalyzeOperationRow)
+                    .where(
+                        AnalyzeOperationRow.resource_id == resource_id,
+                        AnalyzeOperationRow.deleted.is_(False),
+                    )
+                    .with_for_update()
+                )
+            )
+            for operation in operations:
+                await self._shred(session, operation, now)
+        return len(models) + len(operations)
+
     async def remove_blob(self, blob_key: str, operation: str | None) -> None:
         """The remove-blob job: the blob, then the shredded operation's row. Idempotent."""
         if blob_key:

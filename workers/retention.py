@@ -16,7 +16,10 @@ import anyio
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from broker.api import key_broker_pb2 as pb
 from broker.audit import AuditEvent, AuditLog
+from broker.errors import KeybrokerError
+from broker.names import resource_name
 from workers.blobs import BlobStore
 from workers.objects import ObjectStore
 
@@ -30,6 +33,7 @@ CALLER = "keybroker-retention"
 class SweepCounts:
     shredded: int
     stale_temporaries: int
+    purged: int = 0
 
 
 async def sweep(
@@ -47,12 +51,39 @@ async def sweep(
             break
     stale = await blobs.remove_stale_temporaries(older_than=3600)
     if shredded:
-        event = AuditEvent("ExpireAnalyzeResults", CALLER, f"sweep-{anyio.current_time():.0f}")
-        event.item_count = shredded
-        async with sessions.begin() as session:
-            await audit.record_in(session, event)
+        await _audit(sessions, audit, "ExpireAnalyzeResults", None, shredded)
         log.info("retention: %d expired analyze results shredded", shredded)
-    return SweepCounts(shredded, stale)
+    purged = await purge_destroyed_resources(objects, sessions, audit)
+    return SweepCounts(shredded, stale, purged)
+
+
+async def purge_destroyed_resources(
+    objects: ObjectStore, sessions: async_sessionmaker[AsyncSession], audit: AuditLog
+) -> int:
+    """Objects of a resource whose deletion is scheduled are already unreadable (the broker
+    refuses their data keys); once the broker has destroyed the resource, they are purged."""
+    purged = 0
+    for resource_id in await objects.resource_ids():
+        if await objects.broker.resource_state(resource_id) != pb.Resource.DESTROYED:
+            continue
+        count = await objects.purge_resource(resource_id)
+        await _audit(sessions, audit, "PurgeResourceObjects", resource_name(resource_id), count)
+        log.info("purged %d objects of destroyed %s", count, resource_name(resource_id))
+        purged += count
+    return purged
+
+
+async def _audit(
+    sessions: async_sessionmaker[AsyncSession],
+    audit: AuditLog,
+    operation: str,
+    resource: str | None,
+    count: int,
+) -> None:
+    event = AuditEvent(operation, CALLER, f"sweep-{anyio.current_time():.0f}", resource=resource)
+    event.item_count = count
+    async with sessions.begin() as session:
+        await audit.record_in(session, event)
 
 
 async def run(
@@ -67,6 +98,6 @@ async def run(
         try:
             with anyio.CancelScope(shield=True):  # a sweep interrupted mid-commit leaks nothing
                 await sweep(objects, blobs, sessions, audit)
-        except (SQLAlchemyError, OSError):
+        except (SQLAlchemyError, OSError, KeybrokerError):
             log.exception("retention sweep failed; retrying at the next tick")
         await anyio.sleep(interval.total_seconds())
