@@ -215,6 +215,8 @@ async def _serve(
                 storage_stopping.set()  # the job runner gives its job back, the sweeper stops
                 await server.stop(settings.shutdown_grace.total_seconds())
                 await broker.service.detached.wait_all()
+                if storage is not None:
+                    await storage.objects.detached.wait_all()
                 janitor_scope.cancel()
                 broker.audit.close()  # audit.run returns once everything pending is durable
             with anyio.CancelScope(shield=True):

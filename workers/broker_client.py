@@ -15,6 +15,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
+import anyio
+import anyio.lowlevel
 import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
@@ -89,6 +91,12 @@ class BrokerClient:
         for attempt in range(ATTEMPTS):
             try:
                 return await method(request, timeout=self._deadline, metadata=metadata)
+            except asyncio.CancelledError:
+                # grpc.aio ends a cancelled call with a CancelledError of its own, which the
+                # cancelling anyio scope does not recognise: it would escape that scope (the job
+                # runner's, which then never gives its job back). Deliver the scope's own.
+                await anyio.lowlevel.checkpoint()
+                raise
             except grpc.aio.AioRpcError as exc:
                 retry = exc.code() == grpc.StatusCode.UNAVAILABLE and attempt < ATTEMPTS - 1
                 if not retry:

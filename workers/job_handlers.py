@@ -55,14 +55,19 @@ async def _objects_after(
     return out[:limit]
 
 
-async def _count(session: AsyncSession, resource_id: str) -> int:
+async def _count(session: AsyncSession, resource_id: str, after: str) -> int:
+    """The resource's live objects after `after` (those a resumed job has still to do)."""
     total = 0
     for table in (ModelRow, AnalyzeOperationRow):
         total += (
             await session.scalar(
                 select(func.count())
                 .select_from(table)
-                .where(table.resource_id == resource_id, table.wrapped_data_key.is_not(None))
+                .where(
+                    table.resource_id == resource_id,
+                    table.name > after,
+                    table.wrapped_data_key.is_not(None),
+                )
             )
             or 0
         )
@@ -79,7 +84,7 @@ async def rewrap(job: JobRow, ctx: JobContext, progress: Progress) -> None:
     batch re-wrap RPC, then schedules destruction of versions nothing references any more."""
     cursor, done = job.cursor, job.done
     async with ctx.sessions() as session:
-        total = await _count(session, job.resource_id) + done
+        total = await _count(session, job.resource_id, cursor) + done
     while True:
         async with ctx.sessions() as session:
             batch = await _objects_after(session, job.resource_id, cursor, BATCH)
@@ -133,7 +138,7 @@ async def reencrypt(job: JobRow, ctx: JobContext, progress: Progress) -> None:
     the copy: the old copy stays readable until the moment the new one takes over."""
     cursor, done = job.cursor, job.done
     async with ctx.sessions() as session:
-        total = await _count(session, job.resource_id) + done
+        total = await _count(session, job.resource_id, cursor) + done
     while True:
         async with ctx.sessions() as session:
             batch = await _objects_after(session, job.resource_id, cursor, 1)

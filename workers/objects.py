@@ -23,6 +23,7 @@ from typing import cast
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from broker.detached import DetachedWork
 from broker.errors import AlreadyExists, FailedPrecondition, InvalidArgument, KeybrokerError
 from broker.names import ObjectName, Purpose, parse_object, parse_resource
 from workers import jobs
@@ -87,6 +88,8 @@ class ObjectStore:
         self._segment_size = segment_size
         self._retention = retention
         self._now = now
+        # Database work that must not be cut short by a cancelled RPC (broker.detached).
+        self.detached = DetachedWork()
 
     # -- encryption ------------------------------------------------------------------------------
 
@@ -134,6 +137,9 @@ class ObjectStore:
     async def put_model(self, name: str, chunks: AsyncIterable[bytes], caller: str) -> ModelRow:
         obj = model_name(name)
         stored = await self.write_encrypted(obj, chunks, caller)
+        return await self.detached.run(self._commit_model(obj, stored))
+
+    async def _commit_model(self, obj: ObjectName, stored: Stored) -> ModelRow:
         now = self._now()
         async with self._sessions.begin() as session:
             row = await session.get(ModelRow, obj.name, with_for_update=True)
@@ -268,6 +274,9 @@ class ObjectStore:
         if before.status in FINAL:
             raise FailedPrecondition("OPERATION_COMPLETE", f"{obj.name} is already {before.status}")
         stored = await self.write_encrypted(obj, chunks, caller)
+        return await self.detached.run(self._commit_result(obj, stored))
+
+    async def _commit_result(self, obj: ObjectName, stored: Stored) -> AnalyzeOperationRow:
         now = self._now()
         refusal: KeybrokerError | None = None
         async with self._sessions.begin() as session:

@@ -155,5 +155,6 @@ async def serve_workers(
                     await health_servicer.enter_graceful_shutdown()
                     stopping.set()
                     await server.stop(settings.shutdown_grace.total_seconds())
+                    await storage.objects.detached.wait_all()
     finally:
         await engine.dispose()

@@ -109,6 +109,9 @@ class StorageService(spb_grpc.StorageServicer):
     ) -> None:
         self._objects = objects
         self._queue = queue
+        # Handlers' database work runs detached: a cancelled RPC must not cut a transaction
+        # short (see broker.detached); shutdown waits for it.
+        self._detached = objects.detached
         self._sessions = sessions
         self._now = now
 
@@ -125,7 +128,7 @@ class StorageService(spb_grpc.StorageServicer):
     async def DownloadModel(
         self, request: spb.DownloadModelRequest, context: Context
     ) -> AsyncIterator[spb.DownloadModelResponse]:
-        row = await self._objects.get_model(request.name)
+        row = await self._detached.run(self._objects.get_model(request.name))
         plaintext = await self._objects.read_model(row, call_identity(context)[0])
         yield spb.DownloadModelResponse(model=model_message(row))
         async for chunk in plaintext:
@@ -144,7 +147,7 @@ class StorageService(spb_grpc.StorageServicer):
         resource_id = parse_resource(request.parent, "parent")
         size = convert.page_size(request.page_size)
         after = convert.decode_page_token("m", request.page_token) or ""
-        rows = await self._objects.list_models(resource_id, after, size + 1)
+        rows = await self._detached.run(self._objects.list_models(resource_id, after, size + 1))
         response = spb.ListModelsResponse(models=[model_message(r) for r in rows[:size]])
         if len(rows) > size:
             response.next_page_token = convert.encode_page_token("m", rows[size - 1].name)
@@ -153,7 +156,7 @@ class StorageService(spb_grpc.StorageServicer):
     async def DeleteModel(
         self, request: spb.DeleteModelRequest, context: Context
     ) -> spb.DeleteModelResponse:
-        await self._objects.delete_model(request.name)
+        await self._detached.run(self._objects.delete_model(request.name))
         return spb.DeleteModelResponse()
 
     # -- analyze operations ----------------------------------------------------------------------
@@ -161,8 +164,8 @@ class StorageService(spb_grpc.StorageServicer):
     async def CreateAnalyzeOperation(
         self, request: spb.CreateAnalyzeOperationRequest, context: Context
     ) -> spb.CreateAnalyzeOperationResponse:
-        row = await self._objects.create_operation(
-            request.parent, request.model, request.analyze_result_id
+        row = await self._detached.run(
+            self._objects.create_operation(request.parent, request.model, request.analyze_result_id)
         )
         return spb.CreateAnalyzeOperationResponse(operation=operation_message(row))
 
@@ -170,7 +173,9 @@ class StorageService(spb_grpc.StorageServicer):
         self, request: spb.UpdateAnalyzeOperationRequest, context: Context
     ) -> spb.UpdateAnalyzeOperationResponse:
         status = _STATUS_IN.get(request.status, "")
-        row = await self._objects.update_operation(request.name, status, request.error_message)
+        row = await self._detached.run(
+            self._objects.update_operation(request.name, status, request.error_message)
+        )
         return spb.UpdateAnalyzeOperationResponse(operation=operation_message(row))
 
     async def UploadAnalyzeResult(
@@ -184,13 +189,13 @@ class StorageService(spb_grpc.StorageServicer):
     async def GetAnalyzeOperation(
         self, request: spb.GetAnalyzeOperationRequest, context: Context
     ) -> spb.GetAnalyzeOperationResponse:
-        row = await self._objects.get_operation(request.name)
+        row = await self._detached.run(self._objects.get_operation(request.name))
         return spb.GetAnalyzeOperationResponse(operation=operation_message(row))
 
     async def DownloadAnalyzeResult(
         self, request: spb.DownloadAnalyzeResultRequest, context: Context
     ) -> AsyncIterator[spb.DownloadAnalyzeResultResponse]:
-        row = await self._objects.get_operation(request.name)
+        row = await self._detached.run(self._objects.get_operation(request.name))
         plaintext = await self._objects.read_result(row, call_identity(context)[0])
         yield spb.DownloadAnalyzeResultResponse(operation=operation_message(row))
         async for chunk in plaintext:
@@ -199,16 +204,19 @@ class StorageService(spb_grpc.StorageServicer):
     async def DeleteAnalyzeResult(
         self, request: spb.DeleteAnalyzeResultRequest, context: Context
     ) -> spb.DeleteAnalyzeResultResponse:
-        await self._objects.delete_result(request.name)
+        await self._detached.run(self._objects.delete_result(request.name))
         return spb.DeleteAnalyzeResultResponse()
 
     # -- jobs ------------------------------------------------------------------------------------
 
     async def _start(self, kind: str, name: str) -> spb.Job:
         resource_id = parse_resource(name)
-        async with self._sessions.begin() as session:
-            job = jobs.add_job(session, kind, resource_id, self._now())
-        return job_message(job)
+
+        async def add() -> JobRow:
+            async with self._sessions.begin() as session:
+                return jobs.add_job(session, kind, resource_id, self._now())
+
+        return job_message(await self._detached.run(add()))
 
     async def StartRewrapJob(
         self, request: spb.StartRewrapJobRequest, context: Context
@@ -224,7 +232,7 @@ class StorageService(spb_grpc.StorageServicer):
         job_id = request.name.removeprefix("jobs/")
         if not request.name.startswith("jobs/") or not job_id.isalnum() or len(job_id) > 32:
             raise InvalidArgument("INVALID_NAME", "name must be jobs/{job}")
-        row = await self._queue.get(job_id)
+        row = await self._detached.run(self._queue.get(job_id))
         if row is None:
             raise NotFound("JOB_NOT_FOUND", f"{request.name} does not exist")
         return spb.GetJobResponse(job=job_message(row))
