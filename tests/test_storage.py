@@ -424,3 +424,127 @@ async def test_objects_of_a_deleted_resource_are_unreadable_then_purged_when_des
         await kb.storage.GetAnalyzeOperation(spb.GetAnalyzeOperationRequest(name=op.name))
     assert_error(err.value, grpc.StatusCode.NOT_FOUND, "ANALYZE_RESULT_NOT_FOUND")
     assert (await sweep(*args)).purged == 0  # idempotent
+
+
+@pytest.mark.asyncio
+async def test_bad_storage_requests_get_precise_errors_and_change_nothing(
+    kb: BrokerUnderTest,
+) -> None:
+    await upload(kb, MODEL, b"model")
+
+    async def snapshot() -> list[Any]:
+        async with kb.engine.connect() as conn:
+            out: list[Any] = []
+            for table in ("models", "analyze_operations", "jobs"):
+                rows = await conn.execute(text(f"SELECT * FROM {table}"))
+                out.append(sorted(repr(tuple(r)) for r in rows))
+            return out
+
+    before = await snapshot()
+
+    async def no_header() -> AsyncIterator[spb.UploadModelRequest]:
+        yield spb.UploadModelRequest(chunk=b"bytes before any header")
+
+    async def two_headers() -> AsyncIterator[spb.UploadModelRequest]:
+        header = spb.UploadModelRequest.Header(name="resources/r1/models/m2")
+        yield spb.UploadModelRequest(header=header)
+        yield spb.UploadModelRequest(header=header)
+
+    cases: list[tuple[Any, grpc.StatusCode, str]] = [
+        (
+            lambda: kb.storage.UploadModel(no_header()),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "MISSING_FIELD",
+        ),
+        (
+            lambda: kb.storage.UploadModel(two_headers()),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "UNEXPECTED_HEADER",
+        ),
+        (
+            lambda: kb.storage.UploadModel(upload_requests("resources/r1/analyzeResults/x", b"x")),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_NAME",
+        ),
+        (
+            lambda: kb.storage.UploadModel(upload_requests("resources/nope/models/m", b"x")),
+            grpc.StatusCode.NOT_FOUND,
+            "RESOURCE_NOT_FOUND",
+        ),
+        (
+            lambda: kb.storage.GetModel(spb.GetModelRequest(name="resources/r1/models/missing")),
+            grpc.StatusCode.NOT_FOUND,
+            "MODEL_NOT_FOUND",
+        ),
+        (
+            lambda: kb.storage.GetModel(spb.GetModelRequest(name="../etc/passwd")),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_NAME",
+        ),
+        (
+            lambda: kb.storage.ListModels(
+                spb.ListModelsRequest(parent="resources/r1", page_token="zz")
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_PAGE_TOKEN",
+        ),
+        (
+            lambda: kb.storage.CreateAnalyzeOperation(
+                spb.CreateAnalyzeOperationRequest(parent="resources/r2", model=MODEL)
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_NAME",
+        ),
+        (
+            lambda: kb.storage.CreateAnalyzeOperation(
+                spb.CreateAnalyzeOperationRequest(
+                    parent="resources/r1", model="resources/r1/models/missing"
+                )
+            ),
+            grpc.StatusCode.NOT_FOUND,
+            "MODEL_NOT_FOUND",
+        ),
+        (
+            lambda: kb.storage.UpdateAnalyzeOperation(
+                spb.UpdateAnalyzeOperationRequest(
+                    name="resources/r1/analyzeResults/none", status=spb.AnalyzeOperation.RUNNING
+                )
+            ),
+            grpc.StatusCode.NOT_FOUND,
+            "ANALYZE_RESULT_NOT_FOUND",
+        ),
+        (
+            lambda: kb.storage.GetJob(spb.GetJobRequest(name="jobs/../../x")),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_NAME",
+        ),
+        (
+            lambda: kb.storage.GetJob(spb.GetJobRequest(name="jobs/abc123")),
+            grpc.StatusCode.NOT_FOUND,
+            "JOB_NOT_FOUND",
+        ),
+    ]
+    for call, code, reason in cases:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await call()
+        assert_error(err.value, code, reason)
+    assert await snapshot() == before
+
+    created = await kb.storage.CreateAnalyzeOperation(
+        spb.CreateAnalyzeOperationRequest(parent="resources/r1", model=MODEL)
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await kb.storage.UpdateAnalyzeOperation(
+            spb.UpdateAnalyzeOperationRequest(
+                name=created.operation.name, status=spb.AnalyzeOperation.SUCCEEDED
+            )
+        )
+    assert_error(err.value, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_STATUS")
+    await kb.storage.UpdateAnalyzeOperation(
+        spb.UpdateAnalyzeOperationRequest(
+            name=created.operation.name, status=spb.AnalyzeOperation.CANCELED
+        )
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await kb.storage.UploadAnalyzeResult(result_requests(created.operation.name, b"late"))
+    assert_error(err.value, grpc.StatusCode.FAILED_PRECONDITION, "OPERATION_COMPLETE")
