@@ -41,7 +41,7 @@ from broker.api import key_broker_pb2_grpc as pb_grpc
 from broker.api import storage_pb2 as spb
 from broker.api import storage_pb2_grpc as spb_grpc
 from tests.benchmarks import raw_stream_server, stream
-from tests.benchmarks.unary import cpu_seconds, free_port, start, wait_ready
+from tests.benchmarks.unary import cpu_seconds, free_port, start, start_up, wait_ready
 
 CHUNK = 1 << 20
 RESOURCE = "bench"
@@ -198,20 +198,7 @@ async def run_servers(size: int, repeats: int) -> list[Figures]:
     raw_port, broker_port = free_port(), free_port()
     chunks = [os.urandom(CHUNK) for _ in range(size // CHUNK)]
     with tempfile.TemporaryDirectory() as tmp:
-        env = dict(os.environ, KEYBROKER_LOG_LEVEL="WARNING")
-        broker = start(
-            [
-                sys.executable,
-                "-m",
-                "broker.cli",
-                "up",
-                "--data-dir",
-                f"{tmp}/data",
-                "--listen",
-                f"127.0.0.1:{broker_port}",
-            ],
-            env,
-        )
+        broker = start_up(f"{tmp}/data", broker_port)
         raw = start([sys.executable, "-m", "tests.benchmarks.raw_stream_server", str(raw_port)])
         try:
             await wait_ready(f"127.0.0.1:{broker_port}")

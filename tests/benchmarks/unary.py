@@ -112,23 +112,17 @@ def start(argv: list[str], env: dict[str, str] | None = None) -> subprocess.Pope
     return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
 
 
+def start_up(data_dir: str, port: int) -> subprocess.Popen[bytes]:
+    """`keybroker up` on the embedded default, every production check on, quiet logs."""
+    argv = [sys.executable, "-m", "broker.cli", "up", "--data-dir", data_dir]
+    env = dict(os.environ, KEYBROKER_LOG_LEVEL="WARNING")
+    return start([*argv, "--listen", f"127.0.0.1:{port}"], env)
+
+
 async def run(seconds: float, concurrencies: list[int], handler_calls: int) -> dict[str, Any]:
     echo_port, broker_port = free_port(), free_port()
     with tempfile.TemporaryDirectory() as tmp:
-        env = dict(os.environ, KEYBROKER_LOG_LEVEL="WARNING")
-        broker = start(
-            [
-                sys.executable,
-                "-m",
-                "broker.cli",
-                "up",
-                "--data-dir",
-                f"{tmp}/data",
-                "--listen",
-                f"127.0.0.1:{broker_port}",
-            ],
-            env,
-        )
+        broker = start_up(f"{tmp}/data", broker_port)
         echo = start([sys.executable, "-m", "tests.benchmarks.echo_server", str(echo_port)])
         try:
             await wait_ready(f"127.0.0.1:{broker_port}")
