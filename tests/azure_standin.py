@@ -50,6 +50,7 @@ from typing import Any
 
 from aiohttp import web
 from azure.core.credentials import AccessToken
+from azure.keyvault.keys._shared import http_challenge_cache
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
@@ -162,6 +163,9 @@ class KeyVaultStandIn:
         return f"https://0.0.1:{self.port}"
 
     async def __aenter__(self) -> KeyVaultStandIn:
+        # The SDK caches each vault URL's bearer challenge for the whole process; a new stand-in
+        # may get the port of an earlier one, whose challenge must not be taken for its own.
+        http_challenge_cache.clear()
         server_context = _tls(self._directory, self.ca_file)
         app = web.Application()
         app.router.add_route("*", "/{path:.*}", self._handle)
