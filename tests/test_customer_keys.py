@@ -112,7 +112,8 @@ def cmk_settings(settings: Settings, vault_kind: str, request: pytest.FixtureReq
         settings,
         dev_vault=True,
         cache_ttl=timedelta(minutes=5),
-        cmk_failure_ttl=timedelta(seconds=0.3),
+        # Long enough for the checks between a failure and its reuse, even on a loaded machine.
+        cmk_failure_ttl=timedelta(seconds=1),
     )
     if vault_kind == "pkcs11":
         request.getfixturevalue("softhsm_token")
@@ -262,7 +263,7 @@ async def test_revocation_refuses_data_keys_until_access_returns(
     assert kb.running.broker.keys.cache.counters.loads == calls
 
     vault.set_enabled("k1", "", True)
-    await asyncio.sleep(0.35)  # the remembered failure expires; no admin action
+    await asyncio.sleep(1.05)  # the remembered failure expires; no admin action
     await assert_all_decrypt(kb, keys)
 
 
