@@ -131,9 +131,5 @@ def resource_name(resource_id: str) -> str:
     return f"resources/{resource_id}"
 
 
-def resource_key_name(resource_id: str, purpose: Purpose) -> str:
-    return f"resources/{resource_id}/resourceKeys/{purpose.value}"
-
-
 def key_version_name(resource_id: str, purpose: Purpose, version: int) -> str:
     return f"resources/{resource_id}/resourceKeys/{purpose.value}/versions/{version}"

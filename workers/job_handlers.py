@@ -12,7 +12,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from broker.api import key_broker_pb2 as pb
-from broker.names import parse_object
+from broker.names import Purpose, parse_object
 from workers import jobs
 from workers.broker_client import BrokerClient
 from workers.models import AnalyzeOperationRow, JobRow, ModelRow
@@ -97,7 +97,8 @@ async def rewrap(job: JobRow, ctx: JobContext, progress: Progress) -> None:
                     raise result.error
                 if result.wrapped is None:
                     continue  # already current
-                table = ModelRow if "/models/" in name else AnalyzeOperationRow
+                models = parse_object(name).purpose is Purpose.MODELS
+                table = ModelRow if models else AnalyzeOperationRow
                 # Only if unchanged meanwhile (a concurrent upload or delete wins).
                 await session.execute(
                     update(table)
