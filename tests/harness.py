@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import socket
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import partial
+from pathlib import Path
 from typing import Any, cast
 
 import anyio
@@ -27,6 +30,25 @@ from broker.server import Running, serve
 from broker.settings import Settings
 
 STATE_TABLES = ("resources", "key_rings", "key_versions")
+KEYBROKER = Path(sys.executable).with_name("keybroker")
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (for servers started as subprocesses)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+async def run_keybroker(*args: str) -> tuple[int, str, str]:
+    """Runs the installed `keybroker` command; returns (exit code, stdout, stderr)."""
+    proc = await asyncio.create_subprocess_exec(
+        str(KEYBROKER), *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
 
 
 @dataclass

@@ -3,12 +3,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 import shutil
 import stat
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,9 +22,8 @@ from broker.audit import AuditEvent, AuditLog
 from broker.db.engine import create_engine, session_factory
 from broker.master_keyring import rotate_master_key
 from broker.settings import Settings
-from tests.harness import BrokerUnderTest, audit_rows, refusal, running_broker
+from tests.harness import BrokerUnderTest, audit_rows, refusal, run_keybroker, running_broker
 
-KEYBROKER = Path(sys.executable).with_name("keybroker")
 Keys = list[tuple[str, bytes, bytes]]  # (object name, wrapped, plaintext)
 
 
@@ -254,24 +251,12 @@ async def test_rotation_committed_but_not_renamed_is_completed_at_start(
         await assert_decrypt(broker, keys)
 
 
-async def run_cli(*args: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        str(KEYBROKER),
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await proc.communicate()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
-
-
 @pytest.mark.asyncio
 @pytest.mark.parametrize("db_kind", ["sqlite"], indirect=True)
 async def test_cli_master_key_rotate(settings: Settings) -> None:
     old_id, keys = await first_run(settings)
     args = ("--data-dir", str(settings.data_dir), "--database-url", settings.database)
-    code, out, err = await run_cli("master-key", "rotate", *args)
+    code, out, err = await run_keybroker("master-key", "rotate", *args)
     assert code == 0, err
     new_id = file_key_id(settings.master_key_file)
     assert new_id != old_id
@@ -284,7 +269,7 @@ async def test_cli_master_key_rotate(settings: Settings) -> None:
 
     # A damaged key file: the command refuses with exit code 2 and changes nothing.
     settings.master_key_file.chmod(0o644)
-    code, out, err = await run_cli("master-key", "rotate", *args)
+    code, out, err = await run_keybroker("master-key", "rotate", *args)
     assert code == 2
     assert str(settings.master_key_file) in err and "group or others" in err
     assert file_key_id_unchecked(settings.master_key_file) == new_id
@@ -304,7 +289,7 @@ async def test_cli_rotation_is_refused_while_a_broker_runs_on_the_data_dir(
         keys = await populate(broker, ["r1"])
         old_id = broker.running.broker.master.key_id
         args = ("--data-dir", str(settings.data_dir), "--database-url", settings.database)
-        code, _, err = await run_cli("master-key", "rotate", *args)
+        code, _, err = await run_keybroker("master-key", "rotate", *args)
         assert code == 2
         assert "a keybroker server is running on" in err
         assert file_key_id(settings.master_key_file) == old_id

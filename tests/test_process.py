@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,15 +17,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from broker.api import key_broker_pb2 as pb
 from broker.api import key_broker_pb2_grpc as pb_grpc
+from tests.harness import free_port
 
 KEYBROKER = [sys.executable, "-m", "broker.cli"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def start_up(data_dir: Path, port: int, *extra: str) -> subprocess.Popen[str]:

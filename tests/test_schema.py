@@ -3,8 +3,6 @@ and `migrate=True` bring an empty one to head; the migration history runs down a
 
 from __future__ import annotations
 
-import asyncio
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -23,9 +21,8 @@ from broker.db.engine import create_engine
 from broker.errors import ConfigurationError
 from broker.settings import Settings
 from tests.conftest import fresh_postgres, make_settings
-from tests.harness import refusal, running_broker, state_digest
+from tests.harness import refusal, run_keybroker, running_broker, state_digest
 
-KEYBROKER = Path(sys.executable).with_name("keybroker")
 TABLES = {"resources", "key_rings", "key_versions", "audit_records"}
 
 
@@ -104,19 +101,7 @@ async def test_migrate_true_migrates_an_empty_database(empty_url: str, tmp_path:
 
 
 async def run_migrate(data_dir: Path, url: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        str(KEYBROKER),
-        "migrate",
-        "--data-dir",
-        str(data_dir),
-        "--database-url",
-        url,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await proc.communicate()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    return await run_keybroker("migrate", "--data-dir", str(data_dir), "--database-url", url)
 
 
 @pytest.mark.asyncio
