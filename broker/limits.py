@@ -1,4 +1,34 @@
-"""Size limits on request fields, as named constants (validated before any work is done)."""
+"""Limits on what one call may ask of a server, as named constants, and the two pieces that
+enforce the limits gRPC itself cannot: a per-caller count of open Storage streams and a
+server-side bound on how long a call may run.
+
+What exceeds a limit is refused before any work is done (INVALID_ARGUMENT for a field or a batch
+that is too large, RESOURCE_EXHAUSTED for a message too large or too many open streams), never
+with a crash or an allocation the caller controls:
+
+- message size: `MAX_MESSAGE_BYTES` in both directions, as gRPC channel options
+  (`server_options`); gRPC rejects a larger message with RESOURCE_EXHAUSTED before it is
+  decoded, so a handler never sees it;
+- field sizes: names (`MAX_NAME_LENGTH`, checked by broker.names wherever a name is parsed, in
+  KeyBroker and Storage alike), associated data, wrapped keys, batch items;
+- open Storage streams (uploads and downloads) per caller: `MAX_STREAMS_PER_CALLER`
+  (`StreamLimiter`), RESOURCE_EXHAUSTED reason TOO_MANY_STREAMS;
+- time: `DeadlineInterceptor` ends a unary call after `MAX_UNARY_SECONDS` and a streaming call
+  after `MAX_STREAM_SECONDS` when the caller set no deadline or a later one, with
+  DEADLINE_EXCEEDED reason SERVER_DEADLINE_EXCEEDED, to within WATCHDOG_PERIOD (a deadline the
+  caller set and that comes first is gRPC's own business).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
+
+import grpc
+
+from broker.errors import KeybrokerError, ResourceExhausted
 
 MAX_NAME_LENGTH = 256
 """Longest resource or object name accepted, in characters."""
@@ -14,3 +44,274 @@ MAX_BATCH_SIZE = 1000
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
+
+MAX_MESSAGE_BYTES = 8 << 20
+"""Largest gRPC message a server receives or sends, in bytes (gRPC's default receive limit is
+4 MiB and its send limit unbounded; both are set here on purpose). The largest legitimate request
+is a full batch: MAX_BATCH_SIZE items of a name, associated data and a wrapped key at their
+limits, about 5.4 MB with framing; Storage chunks are about 1 MiB (the segment size)."""
+
+MAX_STREAMS_PER_CALLER = 32
+"""Most Storage uploads and downloads one caller may have open at once. Each holds a few
+segments (about 1 MiB each) in memory, so one caller can pin about 100 MiB at most; without mutual
+TLS every connection from one host counts as the same caller (caller_key)."""
+
+MAX_UNARY_SECONDS = 30.0
+"""Longest a unary call runs when its caller set no earlier deadline."""
+
+MAX_STREAM_SECONDS = 3600.0
+"""Longest a streaming call (an upload or a download) runs when its caller set no earlier
+deadline: an hour moves tens of gigabytes at the rates measured here."""
+
+
+BOUNDED_PREFIX = "/keybroker."
+"""Methods whose path starts with this are bounded by DeadlineInterceptor."""
+
+
+def server_options() -> list[tuple[str, Any]]:
+    """The gRPC server options every keybroker server is built with."""
+    return [
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ]
+
+
+class DeadlineExceeded(KeybrokerError):
+    """The call ran into the server's own bound (`DeadlineInterceptor`)."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(
+            "SERVER_DEADLINE_EXCEEDED",
+            f"the call ran longer than the server allows ({seconds:g} s)",
+        )
+
+
+def caller_key(identity: str) -> str:
+    """The caller a stream counts against. A transport peer (`ipv4:127.0.0.1:50123`, used until
+    mutual TLS names callers) loses its port, so that new connections do not buy new streams."""
+    for prefix in ("ipv4:", "ipv6:"):
+        if identity.startswith(prefix):
+            host, sep, port = identity.rpartition(":")
+            if sep and port.isdigit() and host != prefix.rstrip(":"):
+                return host
+    return identity
+
+
+class StreamLimiter:
+    """Counts the open streams of each caller; `hold` refuses one over the limit.
+
+    One event loop only (no lock): the count changes only between awaits.
+    """
+
+    def __init__(self, limit: int = MAX_STREAMS_PER_CALLER) -> None:
+        self._limit = limit
+        self._open: dict[str, int] = {}
+
+    def open_streams(self, identity: str) -> int:
+        return self._open.get(caller_key(identity), 0)
+
+    @contextlib.contextmanager
+    def hold(self, identity: str) -> Iterator[None]:
+        """Counts one stream of `identity` while the block runs; RESOURCE_EXHAUSTED (reason
+        TOO_MANY_STREAMS) when that caller already has `limit` open."""
+        key = caller_key(identity)
+        count = self._open.get(key, 0)
+        if count >= self._limit:
+            raise ResourceExhausted(
+                "TOO_MANY_STREAMS",
+                f"this caller already has {self._limit} uploads or downloads open",
+            )
+        self._open[key] = count + 1
+        try:
+            yield
+        finally:
+            left = self._open[key] - 1
+            if left:
+                self._open[key] = left
+            else:
+                del self._open[key]
+
+
+class DeadlineInterceptor(grpc.aio.ServerInterceptor):
+    """Bounds every call's run time (see the module docstring).
+
+    Put it after broker.interceptors.ErrorInterceptor, which turns its DeadlineExceeded into a
+    status. The bound cancels the handler's task the way a caller's own deadline does, so it adds
+    no new way to be cut short: handlers that touch SQL run detached (broker.detached) and the
+    hot path's waits are shielded, so a transaction and its audit record finish regardless.
+    A download's time blocked on a caller that does not read counts towards its bound, but is
+    interrupted only when gRPC's flow control lets the next message go.
+    `unary` and `stream` default to MAX_UNARY_SECONDS and MAX_STREAM_SECONDS (read when built).
+    Only keybroker.v1's own RPCs are bounded: grpc.health.v1's Watch, which load balancers keep
+    open for as long as they watch, and reflection are left alone.
+    """
+
+    def __init__(self, unary: float | None = None, stream: float | None = None) -> None:
+        self._unary = MAX_UNARY_SECONDS if unary is None else unary
+        self._stream = MAX_STREAM_SECONDS if stream is None else stream
+        self._watchdog = _Watchdog(period=min(WATCHDOG_PERIOD, self._unary, self._stream))
+        self._wrapped: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        method = handler_call_details.method
+        cached = self._wrapped.get(method)
+        if cached is not None:
+            return cached
+        handler = await continuation(handler_call_details)
+        if handler is None or not method.startswith(BOUNDED_PREFIX):
+            return handler
+        wrapped = self._wrap(handler)
+        self._wrapped[method] = wrapped
+        return wrapped
+
+    def _wrap(self, handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
+        serializers = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                _bounded_call(handler.unary_unary, self._unary, self._watchdog), **serializers
+            )
+        if handler.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(
+                _bounded_call(handler.stream_unary, self._stream, self._watchdog), **serializers
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                _bounded_stream(handler.unary_stream, self._stream, self._watchdog), **serializers
+            )
+        assert handler.stream_stream is not None
+        return grpc.stream_stream_rpc_method_handler(
+            _bounded_stream(handler.stream_stream, self._stream, self._watchdog), **serializers
+        )
+
+
+WATCHDOG_PERIOD = 0.5
+"""How often overdue calls are looked for: a bound is kept to within this many seconds."""
+
+
+class _Watchdog:
+    """Cancels calls that outrun their bound; cheaper per call than an asyncio.timeout (which
+    costs a timer handle and an async context manager per call: several microseconds on the
+    hot path). A call registers its task and stop time; one timer, running only while calls are
+    registered, looks for overdue ones every `period` seconds and cancels those that are inside
+    the handler (`active`); a stream suspended at a yield is stopped when it resumes instead.
+    One event loop only."""
+
+    def __init__(self, period: float) -> None:
+        self._period = period
+        # task -> [stop time, active]
+        self._calls: dict[asyncio.Task[Any], list[Any]] = {}
+        self._expired: set[asyncio.Task[Any]] = set()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def enter(self, task: asyncio.Task[Any], stop_at: float) -> None:
+        self._calls[task] = [stop_at, True]
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self._period, self._sweep)
+
+    def active(self, task: asyncio.Task[Any], active: bool) -> None:
+        self._calls[task][1] = active
+
+    def expired(self, task: asyncio.Task[Any]) -> bool:
+        """True when this watchdog cancelled `task`."""
+        return task in self._expired
+
+    def overdue(self, task: asyncio.Task[Any]) -> bool:
+        """True when `task` was cancelled by this watchdog, or is past its stop time."""
+        if task in self._expired:
+            return True
+        stop_at: float = self._calls[task][0]
+        return asyncio.get_running_loop().time() >= stop_at
+
+    def leave(self, task: asyncio.Task[Any]) -> None:
+        self._calls.pop(task, None)
+        self._expired.discard(task)
+
+    def _sweep(self) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for task, (stop_at, active) in list(self._calls.items()):
+            if active and stop_at <= now and task not in self._expired:
+                self._expired.add(task)
+                task.cancel()
+        self._timer = loop.call_later(self._period, self._sweep) if self._calls else None
+
+
+def _bound(context: grpc.aio.ServicerContext[Any, Any], limit: float) -> float | None:
+    """The absolute loop time to stop at, or None when the caller's own deadline comes first."""
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= limit:
+        return None
+    return asyncio.get_running_loop().time() + limit
+
+
+def _bounded_call(inner: Any, limit: float, watchdog: _Watchdog) -> Any:
+    # The stubs type handlers as sync callables; under grpc.aio they are coroutines.
+    async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        stop_at = _bound(context, limit)
+        if stop_at is None:
+            return await inner(request, context)
+        task = asyncio.current_task()
+        assert task is not None
+        watchdog.enter(task, stop_at)
+        try:
+            return await inner(request, context)
+        except asyncio.CancelledError:
+            if not watchdog.expired(task):
+                raise
+            task.uncancel()
+            raise DeadlineExceeded(limit) from None
+        finally:
+            watchdog.leave(task)
+
+    return call
+
+
+def _bounded_stream(inner: Any, limit: float, watchdog: _Watchdog) -> Any:
+    async def stream(
+        request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Any]:
+        stop_at = _bound(context, limit)
+        task = asyncio.current_task()
+        assert task is not None
+        responses = inner(request, context)
+        if stop_at is not None:
+            watchdog.enter(task, stop_at)
+        try:
+            while True:
+                # The bound covers the handler's own awaits; at a yield the generator is not
+                # cancelled (the cancellation would land in gRPC's send) but checked on resuming.
+                if stop_at is not None:
+                    if watchdog.overdue(task):
+                        raise DeadlineExceeded(limit)
+                    watchdog.active(task, True)
+                try:
+                    item = await anext(responses)
+                except StopAsyncIteration:
+                    return
+                except asyncio.CancelledError:
+                    if stop_at is None or not watchdog.expired(task):
+                        raise
+                    task.uncancel()
+                    raise DeadlineExceeded(limit) from None
+                if stop_at is not None:
+                    watchdog.active(task, False)
+                yield item
+        finally:
+            if stop_at is not None:
+                watchdog.leave(task)
+            # Closed here, not left to the garbage collector: its cleanup (a stream slot, a
+            # blob reader) runs now.
+            await responses.aclose()
+
+    return stream

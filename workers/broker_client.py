@@ -111,10 +111,22 @@ class BrokerClient:
         return DataKey(reply.plaintext_data_key, reply.wrapped_data_key, reply.key_id)
 
     async def decrypt(self, name: str, wrapped: bytes, on_behalf_of: str = "") -> bytes:
+        """Unwraps a data key read from the workers' own tables. The name is the workers' own,
+        so a structural refusal (a malformed key, an unknown format or key version) can only
+        mean the stored wrapped key is damaged: DATA_LOSS, like a key that fails to decrypt.
+        A revoked customer key, a resource being deleted or a version scheduled for destruction
+        (restorable) keep their status and reason."""
         request = pb.DecryptDataKeyRequest(name=name, wrapped_data_key=wrapped)
-        reply: pb.DecryptDataKeyResponse = await self._call(
-            self._stub.DecryptDataKey, request, on_behalf_of
-        )
+        try:
+            reply: pb.DecryptDataKeyResponse = await self._call(
+                self._stub.DecryptDataKey, request, on_behalf_of
+            )
+        except InvalidArgument:
+            raise StoredObjectCorrupt() from None
+        except NotFound as exc:
+            if exc.reason == "KEY_VERSION_NOT_FOUND":
+                raise StoredObjectCorrupt() from None
+            raise
         return reply.plaintext_data_key
 
     async def rewrap_batch(
