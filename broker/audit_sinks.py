@@ -31,6 +31,9 @@ COLUMNS = (
     "key_ids",
     "outcome",
     "reason",
+    "chain_seq",
+    "chain_mac",
+    "audit_key_id",
 )
 AuditTuple = tuple[Any, ...]
 """One record: values in COLUMNS order, `time` an aware UTC datetime."""

@@ -30,7 +30,7 @@ from typing import cast
 from sqlalchemy import Table, bindparam, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from broker import master_key, master_key_pkcs11, sealing
+from broker import audit_chain, master_key, master_key_pkcs11, sealing
 from broker.audit import AuditEvent, AuditLog
 from broker.db.models import ResourceRow
 from broker.errors import ConfigurationError
@@ -164,6 +164,7 @@ async def rotate_master_key(
     if settings.master_key_pkcs11_label:
         return await _rotate_token_key(settings, sessions, audit, event)
     old = await open_master_key(settings, sessions)
+    await _chain_audit(settings, sessions, audit, old)
     next_path = settings.master_key_file.with_name(master_key.NEXT_FILE_NAME)
     new = master_key.write_new(next_path)
     try:
@@ -190,6 +191,7 @@ async def _rotate_token_key(
 ) -> tuple[str, str, int]:
     keys = master_key_pkcs11.token_keys(settings)
     old = _open_token_key(keys, await _referenced_ids(sessions))
+    await _chain_audit(settings, sessions, audit, old)
     new = keys.generate(master_key_pkcs11.next_version(keys.versions()))
     try:
         count = await _reseal(sessions, audit, event, old, new)
@@ -215,6 +217,17 @@ async def _rotate_token_key(
         old.key_id,
     )
     return old.key_id, new.key_id, count
+
+
+async def _chain_audit(
+    settings: Settings,
+    sessions: async_sessionmaker[AsyncSession],
+    audit: AuditLog,
+    master: MasterKey,
+) -> None:
+    """Chains the rotation's own audit record (before the audit keys are re-sealed)."""
+    key = await audit_chain.open_audit_key(sessions, master, datetime.now(UTC))
+    audit.use_key(key, audit_chain.checkpoint_path(settings.data_dir, audit.writer))
 
 
 async def _reseal(
@@ -265,8 +278,11 @@ async def _reseal(
             )
             count += len(rows)
             after = rows[-1][0]
+        # The audit keys move with the root keys: the HMACs of old records still verify.
+        await audit_chain.reseal_audit_keys(session, old, new)
         ev = event()
         ev.key_ids.update({old.key_id, new.key_id})
         ev.item_count = count
         await audit.record_in(session, ev)
+    audit.checkpoint()
     return count

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from broker import convert
+from broker import audit_trail, convert
 from broker.api import key_broker_pb2 as pb
 from broker.api import key_broker_pb2_grpc as pb_grpc
 from broker.audit import AuditEvent, AuditLog
@@ -392,6 +392,38 @@ class KeyBrokerService(pb_grpc.KeyBrokerServicer):
             event.resource = request.name
             view = await self.lifecycle.get_resource(resource_id)
             response.encryption.extend(_resource(view).encryption)
+        return response
+
+    # -- the audit trail ---------------------------------------------------------------------
+
+    @audited("ListAuditRecords")
+    async def ListAuditRecords(
+        self, request: pb.ListAuditRecordsRequest, context: Context, event: AuditEvent
+    ) -> pb.ListAuditRecordsResponse:
+        parse_resource(request.parent, "parent")
+        event.resource = request.parent
+        size = convert.page_size(request.page_size)
+        position = convert.decode_page_token("a", request.page_token)
+        after = 0
+        if position is not None:
+            if not position.isdigit() or len(position) > 18:
+                raise InvalidArgument(
+                    "INVALID_PAGE_TOKEN", "page_token is not one this call returned"
+                )
+            after = int(position)
+        start = audit_trail.time_bound(request, "start_time")
+        end = audit_trail.time_bound(request, "end_time")
+        if start is not None and end is not None and start > end:
+            raise InvalidArgument("INVALID_TIME_RANGE", "start_time is after end_time")
+        rows = await audit_trail.page(
+            self.audit.engine, request.parent, after_id=after, start=start, end=end, limit=size + 1
+        )
+        response = pb.ListAuditRecordsResponse(
+            audit_records=[audit_trail.message(request.parent, r) for r in rows[:size]]
+        )
+        if len(rows) > size:
+            response.next_page_token = convert.encode_page_token("a", str(rows[size - 1].id))
+        event.item_count = len(response.audit_records)
         return response
 
 

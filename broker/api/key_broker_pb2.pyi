@@ -1426,9 +1426,12 @@ class KeyCacheStats(_message.Message):
     misses: _builtins.int
     """Look-ups that found nothing fresh (and waited for a load)."""
     root_key_calls: _builtins.int
-    """Loads: each one unwraps a resource key under its root key (one per key however many wait)."""
+    """Root-key calls: each unwraps one resource-key version under its root key (a provider call
+    under a customer-managed key): one per version per TTL, however many callers wait, whether
+    they generate (the current version) or decrypt (a given version).
+    """
     root_key_failures: _builtins.int
-    """Loads that failed."""
+    """Root-key calls that failed."""
     entries: _builtins.int
     """Entries held now."""
     def __init__(
@@ -1447,3 +1450,146 @@ class KeyCacheStats(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___KeyCacheStats: _TypeAlias = KeyCacheStats  # noqa: Y015
+
+@_typing.final
+class ListAuditRecordsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARENT_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    parent: _builtins.str
+    """Required. resources/{resource}: the records of the resource and of its objects."""
+    page_size: _builtins.int
+    """Optional. At most this many records (default 50, at most 1000)."""
+    page_token: _builtins.str
+    """Optional. next_page_token from the previous call (with the same parent and time range)."""
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """Optional. Only records written at or after this time."""
+
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """Optional. Only records written before this time."""
+
+    def __init__(
+        self,
+        *,
+        parent: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "page_size", b"page_size", "page_token", b"page_token", "parent", b"parent", "start_time", b"start_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAuditRecordsRequest: _TypeAlias = ListAuditRecordsRequest  # noqa: Y015
+
+@_typing.final
+class ListAuditRecordsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AUDIT_RECORDS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Empty on the last page."""
+    @_builtins.property
+    def audit_records(self) -> _containers.RepeatedCompositeFieldContainer[Global___AuditRecord]: ...
+    def __init__(
+        self,
+        *,
+        audit_records: _abc.Iterable[Global___AuditRecord] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audit_records", b"audit_records", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAuditRecordsResponse: _TypeAlias = ListAuditRecordsResponse  # noqa: Y015
+
+@_typing.final
+class AuditRecord(_message.Message):
+    """One audited call or state change, as the trail holds it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    CALLER_FIELD_NUMBER: _builtins.int
+    ON_BEHALF_OF_FIELD_NUMBER: _builtins.int
+    OPERATION_FIELD_NUMBER: _builtins.int
+    RESOURCE_FIELD_NUMBER: _builtins.int
+    ITEM_COUNT_FIELD_NUMBER: _builtins.int
+    FAILED_COUNT_FIELD_NUMBER: _builtins.int
+    KEY_IDS_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    WRITER_FIELD_NUMBER: _builtins.int
+    CHAIN_SEQUENCE_FIELD_NUMBER: _builtins.int
+    CHAIN_MAC_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """resources/{resource}/auditRecords/{id}: id is the record's position in the trail."""
+    caller: _builtins.str
+    """The call's identity: the caller, and the end caller a worker acted for (may be empty)."""
+    on_behalf_of: _builtins.str
+    operation: _builtins.str
+    """The RPC or background operation, e.g. "DecryptDataKey", "DestroyResource"."""
+    resource: _builtins.str
+    """The resource or object the record is about."""
+    item_count: _builtins.int
+    """Items in the call (batch size), and how many of them failed."""
+    failed_count: _builtins.int
+    outcome: _builtins.str
+    """"OK", or the gRPC status code name; reason is the ErrorInfo reason when it failed."""
+    reason: _builtins.str
+    request_id: _builtins.str
+    """The request id the caller sent (or the broker made)."""
+    writer: _builtins.str
+    """The tamper-evident chain: the writing process's chain, the record's position in it, and
+    its HMAC (verified by `keybroker audit verify`); empty/0 on records from before the chain.
+    """
+    chain_sequence: _builtins.int
+    chain_mac: _builtins.bytes
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp:
+        """When the record was written."""
+
+    @_builtins.property
+    def key_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The versioned key ids the call used."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
+        caller: _builtins.str = ...,
+        on_behalf_of: _builtins.str = ...,
+        operation: _builtins.str = ...,
+        resource: _builtins.str = ...,
+        item_count: _builtins.int = ...,
+        failed_count: _builtins.int = ...,
+        key_ids: _abc.Iterable[_builtins.str] | None = ...,
+        outcome: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+        writer: _builtins.str = ...,
+        chain_sequence: _builtins.int = ...,
+        chain_mac: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["caller", b"caller", "chain_mac", b"chain_mac", "chain_sequence", b"chain_sequence", "failed_count", b"failed_count", "item_count", b"item_count", "key_ids", b"key_ids", "name", b"name", "on_behalf_of", b"on_behalf_of", "operation", b"operation", "outcome", b"outcome", "reason", b"reason", "request_id", b"request_id", "resource", b"resource", "time", b"time", "writer", b"writer"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuditRecord: _TypeAlias = AuditRecord  # noqa: Y015

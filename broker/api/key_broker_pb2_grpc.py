@@ -135,6 +135,11 @@ class KeyBrokerStub:
                 request_serializer=keybroker_dot_v1_dot_key__broker__pb2.GetStatusRequest.SerializeToString,
                 response_deserializer=keybroker_dot_v1_dot_key__broker__pb2.GetStatusResponse.FromString,
                 _registered_method=True)
+        self.ListAuditRecords = channel.unary_unary(
+                '/keybroker.v1.KeyBroker/ListAuditRecords',
+                request_serializer=keybroker_dot_v1_dot_key__broker__pb2.ListAuditRecordsRequest.SerializeToString,
+                response_deserializer=keybroker_dot_v1_dot_key__broker__pb2.ListAuditRecordsResponse.FromString,
+                _registered_method=True)
 
 
 class KeyBrokerServicer:
@@ -281,6 +286,14 @@ class KeyBrokerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListAuditRecords(self, request, context):
+        """For auditors: a resource's audit trail (its own records and its objects'), oldest first,
+        paged. The call itself is audited as a read.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KeyBrokerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -383,6 +396,11 @@ def add_KeyBrokerServicer_to_server(servicer, server):
                     servicer.GetStatus,
                     request_deserializer=keybroker_dot_v1_dot_key__broker__pb2.GetStatusRequest.FromString,
                     response_serializer=keybroker_dot_v1_dot_key__broker__pb2.GetStatusResponse.SerializeToString,
+            ),
+            'ListAuditRecords': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAuditRecords,
+                    request_deserializer=keybroker_dot_v1_dot_key__broker__pb2.ListAuditRecordsRequest.FromString,
+                    response_serializer=keybroker_dot_v1_dot_key__broker__pb2.ListAuditRecordsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -926,6 +944,33 @@ class KeyBroker:
             '/keybroker.v1.KeyBroker/GetStatus',
             keybroker_dot_v1_dot_key__broker__pb2.GetStatusRequest.SerializeToString,
             keybroker_dot_v1_dot_key__broker__pb2.GetStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAuditRecords(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keybroker.v1.KeyBroker/ListAuditRecords',
+            keybroker_dot_v1_dot_key__broker__pb2.ListAuditRecordsRequest.SerializeToString,
+            keybroker_dot_v1_dot_key__broker__pb2.ListAuditRecordsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -87,6 +87,10 @@ class KeyBrokerStub:
     BatchRewrapDataKeys: _grpc.UnaryUnaryMultiCallable[_key_broker_pb2.BatchRewrapDataKeysRequest, _key_broker_pb2.BatchRewrapDataKeysResponse]
     GetStatus: _grpc.UnaryUnaryMultiCallable[_key_broker_pb2.GetStatusRequest, _key_broker_pb2.GetStatusResponse]
     """Health and the current key ids; answered from memory, cheap enough to poll."""
+    ListAuditRecords: _grpc.UnaryUnaryMultiCallable[_key_broker_pb2.ListAuditRecordsRequest, _key_broker_pb2.ListAuditRecordsResponse]
+    """For auditors: a resource's audit trail (its own records and its objects'), oldest first,
+    paged. The call itself is audited as a read.
+    """
 
 @_typing.type_check_only
 class KeyBrokerAsyncStub(KeyBrokerStub):
@@ -135,6 +139,10 @@ class KeyBrokerAsyncStub(KeyBrokerStub):
     BatchRewrapDataKeys: _aio.UnaryUnaryMultiCallable[_key_broker_pb2.BatchRewrapDataKeysRequest, _key_broker_pb2.BatchRewrapDataKeysResponse]  # type: ignore[assignment]
     GetStatus: _aio.UnaryUnaryMultiCallable[_key_broker_pb2.GetStatusRequest, _key_broker_pb2.GetStatusResponse]  # type: ignore[assignment]
     """Health and the current key ids; answered from memory, cheap enough to poll."""
+    ListAuditRecords: _aio.UnaryUnaryMultiCallable[_key_broker_pb2.ListAuditRecordsRequest, _key_broker_pb2.ListAuditRecordsResponse]  # type: ignore[assignment]
+    """For auditors: a resource's audit trail (its own records and its objects'), oldest first,
+    paged. The call itself is audited as a read.
+    """
 
 class KeyBrokerServicer(metaclass=_abc_1.ABCMeta):
     """KeyBroker creates, wraps and unwraps per-object data keys under per-resource keys."""
@@ -300,5 +308,15 @@ class KeyBrokerServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_key_broker_pb2.GetStatusResponse, _abc.Awaitable[_key_broker_pb2.GetStatusResponse]]:
         """Health and the current key ids; answered from memory, cheap enough to poll."""
+
+    @_abc_1.abstractmethod
+    def ListAuditRecords(
+        self,
+        request: _key_broker_pb2.ListAuditRecordsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_key_broker_pb2.ListAuditRecordsResponse, _abc.Awaitable[_key_broker_pb2.ListAuditRecordsResponse]]:
+        """For auditors: a resource's audit trail (its own records and its objects'), oldest first,
+        paged. The call itself is audited as a read.
+        """
 
 def add_KeyBrokerServicer_to_server(servicer: KeyBrokerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -16,6 +16,7 @@ from sqlalchemy import (
     Dialect,
     ForeignKey,
     ForeignKeyConstraint,
+    Index,
     Integer,
     LargeBinary,
     MetaData,
@@ -148,6 +149,7 @@ class AuditRow(Base):
     """One audited call or state change. Written in bulk (Core executemany), never edited."""
 
     __tablename__ = "audit_records"
+    __table_args__ = (Index("ix_audit_records_chain", "writer", "chain_seq"),)
 
     id: Mapped[int] = mapped_column(
         BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
@@ -164,3 +166,18 @@ class AuditRow(Base):
     key_ids: Mapped[str] = mapped_column(Text)
     outcome: Mapped[str] = mapped_column(String(32))
     reason: Mapped[str | None] = mapped_column(String(64))
+    # The tamper-evident chain (broker.audit_chain); NULL on records written before it existed.
+    chain_seq: Mapped[int | None] = mapped_column(BigInteger)
+    chain_mac: Mapped[bytes | None] = mapped_column(LargeBinary)
+    audit_key_id: Mapped[str | None] = mapped_column(String(64))
+
+
+class AuditKeyRow(Base):
+    """A random audit HMAC key, sealed under the master key `master_key_id` (broker.audit_chain)."""
+
+    __tablename__ = "audit_keys"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    sealed_key: Mapped[bytes] = mapped_column(LargeBinary)
+    master_key_id: Mapped[str] = mapped_column(String(64))
+    create_time: Mapped[datetime] = mapped_column(UTCDateTime)
