@@ -2,7 +2,8 @@
 
 Servers: `up` (everything on the embedded default, migrating its SQLite itself), `broker` (the
 key plane alone), `migrate`. Admin commands (`resources`, `keys`, `status`) are gRPC clients of a
-running broker; `master-key rotate` works offline on the data directory and database.
+running broker, and so is `audit list`; `master-key rotate` works offline on the data directory
+and database, and `audit verify` reads them offline (broker.audit_verify).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, cast
 
 import anyio
@@ -26,7 +28,7 @@ from google.protobuf.message import Message
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from broker import data_dir_lock
+from broker import audit_verify, certs, data_dir_lock
 from broker import settings as settings_module
 from broker.api import key_broker_pb2 as pb
 from broker.api import key_broker_pb2_grpc as pb_grpc
@@ -42,7 +44,14 @@ from broker.settings import Settings
 
 log = logging.getLogger("keybroker")
 
-_SETTING_FLAGS = ("data_dir", "listen", "database_url", "log_level", "broker_address")
+_SETTING_FLAGS = (
+    "data_dir",
+    "listen",
+    "database_url",
+    "log_level",
+    "broker_address",
+    "policy_file",
+)
 
 
 def _add_setting_flags(p: argparse.ArgumentParser) -> None:
@@ -57,8 +66,46 @@ def _add_setting_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", dest="log_level", help="DEBUG, INFO, WARNING, ... (default INFO)")
 
 
+def _add_tls_flags(p: argparse.ArgumentParser, *, client: bool = False) -> None:
+    p.add_argument(
+        "--tls",
+        action="store_true",
+        help="mutual TLS with the files of `keybroker certs init` in --certs-dir "
+        "(or set KEYBROKER_TLS_CA, _CERT, _KEY, _CLIENT_CERT, _CLIENT_KEY)",
+    )
+    p.add_argument("--certs-dir", dest="certs_dir", help="default DATA_DIR/certs")
+    if client:
+        p.add_argument(
+            "--tls-identity",
+            dest="tls_identity",
+            default="admin",
+            help="with --tls: present CERTS_DIR/NAME.pem (default admin)",
+        )
+    else:
+        p.add_argument("--policy-file", dest="policy_file", help="authorization policy (TOML/JSON)")
+
+
+def _certs_dir(args: argparse.Namespace, settings: Settings) -> Path:
+    return Path(args.certs_dir) if getattr(args, "certs_dir", None) else settings.data_dir / "certs"
+
+
 def _settings(args: argparse.Namespace) -> Settings:
-    return settings_module.load({k: getattr(args, k, None) for k in _SETTING_FLAGS}, os.environ)
+    settings = settings_module.load({k: getattr(args, k, None) for k in _SETTING_FLAGS}, os.environ)
+    if not getattr(args, "tls", False):
+        return settings
+    # --tls: the `certs init` layout; the workers present workers.pem, and policy.toml applies
+    # unless a policy file was named.
+    d = _certs_dir(args, settings)
+    client = getattr(args, "tls_identity", None)
+    return replace(
+        settings,
+        tls_ca=str(d / "ca.pem"),
+        tls_cert=str(d / "server.pem"),
+        tls_key=str(d / "server.key"),
+        tls_client_cert=str(d / f"{client or 'workers'}.pem"),
+        tls_client_key=str(d / f"{client or 'workers'}.key"),
+        policy_file=settings.policy_file or str(d / "policy.toml"),
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -75,11 +122,29 @@ def _parser() -> argparse.ArgumentParser:
         _add_setting_flags(p)
         if name == "workers":
             p.add_argument("--broker-address", dest="broker_address", help="the broker's HOST:PORT")
+        if name != "migrate":
+            _add_tls_flags(p)
+
+    certs = sub.add_parser("certs", help="development certificates for mutual TLS (offline)")
+    certs_sub = certs.add_subparsers(dest="action", required=True)
+    p = certs_sub.add_parser(
+        "init", help="write a development CA, server and client certificates and a policy"
+    )
+    p.add_argument("--dir", dest="certs_dir", help="where to write them (default DATA_DIR/certs)")
+    p.add_argument("--data-dir", dest="data_dir", help="data directory (default ./.keybroker)")
 
     mk = sub.add_parser("master-key", help="master key administration (offline)")
     mk_sub = mk.add_subparsers(dest="action", required=True)
     _add_setting_flags(
         mk_sub.add_parser("rotate", help="re-seal every root key under a new master key")
+    )
+
+    audit = sub.add_parser("audit", help="the audit trail: verify its chains, list a resource's")
+    audit_sub = audit.add_subparsers(dest="action", required=True)
+    _add_setting_flags(
+        audit_sub.add_parser(
+            "verify", help="check every audit chain and checkpoint (offline; exit 1 on a finding)"
+        )
     )
 
     address_help = "broker address (default 127.0.0.1:50051 or $KEYBROKER_ADDRESS)"
@@ -88,6 +153,7 @@ def _parser() -> argparse.ArgumentParser:
     def leaf(group: Any, name: str, help_text: str) -> argparse.ArgumentParser:
         p: argparse.ArgumentParser = group.add_parser(name, help=help_text)
         p.add_argument("--address", default=default_address, help=address_help)
+        _add_tls_flags(p, client=True)
         return p
 
     res = sub.add_parser("resources", help="manage resources (a gRPC client)")
@@ -155,6 +221,11 @@ def _parser() -> argparse.ArgumentParser:
 
     p = leaf(sub, "status", "the broker's health and key ids (a gRPC client)")
     p.add_argument("name", nargs="?", default="", help="optional resources/{resource}")
+    p = leaf(audit_sub, "list", "a resource's audit records, oldest first (a gRPC client)")
+    p.add_argument("parent", help="resources/{resource}")
+    p.add_argument("--page-size", type=int, default=0)
+    p.add_argument("--start-time", help="only records at or after this time (ISO 8601)")
+    p.add_argument("--end-time", help="only records before this time (ISO 8601)")
     return parser
 
 
@@ -252,10 +323,13 @@ def _dev_vault(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _run_client(args: argparse.Namespace) -> int:
-    async with grpc.aio.insecure_channel(args.address) as channel:
+    # TLS with --tls (the client certificate named by --identity) or the KEYBROKER_TLS_* settings.
+    async with certs.broker_channel(_settings(args), args.address) as channel:
         stub = pb_grpc.KeyBrokerStub(channel)
         if (args.command, getattr(args, "action", None)) == ("resources", "list"):
             return await _list_all(stub, args.page_size)
+        if (args.command, getattr(args, "action", None)) == ("audit", "list"):
+            return await _list_audit(stub, args)
         method, request = _client_request(args)
         _print(await getattr(stub, method)(request))
         return 0
@@ -272,6 +346,28 @@ async def _list_all(stub: pb_grpc.KeyBrokerAsyncStub, page_size: int) -> int:
         token = page.next_page_token
         if not token:
             return 0
+
+
+async def _list_audit(stub: pb_grpc.KeyBrokerAsyncStub, args: argparse.Namespace) -> int:
+    request = pb.ListAuditRecordsRequest(parent=args.parent, page_size=args.page_size)
+    for field, text in (("start_time", args.start_time), ("end_time", args.end_time)):
+        if text:
+            try:
+                when = datetime.fromisoformat(text)
+            except ValueError:
+                flag = "--" + field.replace("_", "-")
+                raise ConfigurationError(f"{flag} is not ISO 8601: {text!r}") from None
+            getattr(request, field).FromDatetime(when if when.tzinfo else when.replace(tzinfo=UTC))
+    while True:
+        page = await stub.ListAuditRecords(request)
+        for r in page.audit_records:
+            print(
+                f"{r.time.ToJsonString()}\t{r.operation}\t{r.resource}\t{r.outcome}"
+                f"\t{r.caller}\t{' '.join(r.key_ids)}"
+            )
+        if not page.next_page_token:
+            return 0
+        request.page_token = page.next_page_token
 
 
 async def _serve_until_signal(
@@ -344,11 +440,17 @@ def _disable_core_dumps() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        if args.command in ("resources", "keys", "status"):
+        if args.command in ("resources", "keys", "status") or (
+            args.command == "audit" and args.action == "list"
+        ):
             return anyio.run(_run_client, args, backend="asyncio")
         settings = _settings(args)
         if args.command == "dev-vault":
             return _dev_vault(args, settings)
+        if args.command == "certs":
+            for path in certs.init_dev_certs(_certs_dir(args, settings)):
+                print(path)  # names only: key material is never printed
+            return 0
         logging.basicConfig(
             level=settings.log_level.upper(),
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -366,6 +468,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "broker": lambda: _serve_until_signal(settings, migrate=False),
             "migrate": lambda: _migrate(settings),
             "master-key": lambda: _rotate_master(settings),
+            "audit": lambda: audit_verify.run(settings, sys.stdout),
         }
         return anyio.run(runners[args.command], backend="asyncio")
     except ConfigurationError as exc:

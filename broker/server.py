@@ -21,10 +21,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from broker import data_dir_lock, janitor
+from broker import certs, data_dir_lock, janitor
 from broker.api import key_broker_pb2 as pb
 from broker.api import key_broker_pb2_grpc as pb_grpc
 from broker.audit import AuditLog
+from broker.audit_chain import checkpoint_path, open_audit_key
+from broker.authz import authz_interceptors
 from broker.cmk import CustomerKeys
 from broker.data_plane import DataKeys
 from broker.db import schema
@@ -34,6 +36,7 @@ from broker.interceptors import ErrorInterceptor
 from broker.key_cache import KeyCache
 from broker.keys import KeyStore, UsableKey
 from broker.lifecycle import Lifecycle, LifecyclePolicy
+from broker.limits import DeadlineInterceptor, server_options
 from broker.master_key import MasterKey
 from broker.master_key_pkcs11 import MasterKeyUnavailable
 from broker.master_keyring import open_master_key
@@ -74,6 +77,8 @@ async def build_broker(
     sessions = session_factory(engine)
     master = await open_master_key(settings, sessions)
     audit = AuditLog(engine, max_pending=settings.audit_max_pending)
+    audit_key = await open_audit_key(sessions, master, now())
+    audit.use_key(audit_key, checkpoint_path(settings.data_dir, audit.writer))
     cache: KeyCache[tuple[str, str, int], UsableKey] = KeyCache(
         ttl=settings.cache_ttl.total_seconds(),
         max_entries=settings.cache_max_entries,
@@ -100,8 +105,8 @@ async def build_broker(
         stats = pb.KeyCacheStats(
             hits=counters.hits,
             misses=counters.misses,
-            root_key_calls=counters.loads,
-            root_key_failures=counters.load_failures,
+            root_key_calls=keys.root_key_calls,
+            root_key_failures=keys.root_key_failures,
             entries=len(cache),
         )
         return pb.GetStatusResponse(
@@ -168,10 +173,18 @@ async def _serve(
         else:
             await schema.require_current(engine)
         broker = await build_broker(settings, engine, now, providers)
-        server = grpc.aio.server(interceptors=[ErrorInterceptor()])
+        credentials = certs.listen_credentials(settings)
+        server = grpc.aio.server(
+            interceptors=[
+                ErrorInterceptor(),
+                DeadlineInterceptor(),
+                *authz_interceptors(settings, broker.audit.record),
+            ],
+            options=server_options(),
+        )
         pb_grpc.add_KeyBrokerServicer_to_server(broker.service, server)
         services = [SERVICE_NAME]
-        port = server.add_insecure_port(settings.listen)
+        port = certs.add_port(server, settings.listen, credentials)
         storage_stopping = anyio.Event()
         storage = None
         if with_storage:
@@ -181,8 +194,11 @@ async def _serve(
             from workers.server import build_storage, run_background
             from workers.storage_service import add_to_server
 
-            own_channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+            # With TLS it presents the workers' client certificate, as `keybroker workers` would.
+            own_channel = certs.broker_channel(settings, f"127.0.0.1:{port}")
             storage = build_storage(settings, engine, own_channel, now)
+            # One chained trail per process: the workers' records join the broker's chains.
+            storage.audit = broker.audit
             add_to_server(storage.service, server)
             services.append(STORAGE_NAME)
         health_servicer = health.aio.HealthServicer()

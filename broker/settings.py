@@ -81,6 +81,21 @@ class Settings:
     job_poll_interval: timedelta = timedelta(seconds=1)
     # Deadline of each call to the broker.
     broker_deadline: timedelta = timedelta(seconds=10)
+    # Mutual TLS (broker.certs): the CA bundle that client certificates must chain to, and this
+    # server's certificate and key (PEM paths). All three or none; set, servers require client
+    # certificates and the caller's identity is its certificate's SAN URI (broker.identity).
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    # The certificate a process presents when it calls the broker (the workers; empty: tls_cert
+    # and tls_key, which then need the clientAuth usage). Also read by the CLI's client commands.
+    tls_client_cert: str = ""
+    tls_client_key: str = ""
+    # Authorization policy (broker.policy; TOML or JSON). Empty: no per-caller checks, which is
+    # allowed only on plain loopback or with authz_allow_all (check_listen fails closed).
+    policy_file: str = ""
+    # With TLS and no policy: let every authenticated caller call everything (explicit opt-in).
+    authz_allow_all: bool = False
 
     @property
     def blob_dir(self) -> Path:
@@ -103,8 +118,36 @@ class Settings:
             raise ConfigurationError(f"--listen must be HOST:PORT, got {self.listen!r}")
         return host.strip("[]"), int(port)
 
+    @property
+    def tls(self) -> bool:
+        """Whether servers use mutual TLS."""
+        return bool(self.tls_ca or self.tls_cert or self.tls_key)
+
+    @property
+    def client_cert_and_key(self) -> tuple[str, str]:
+        """The certificate and key this process presents to the broker."""
+        if self.tls_client_cert or self.tls_client_key:
+            return self.tls_client_cert, self.tls_client_key
+        return self.tls_cert, self.tls_key
+
     def check_listen(self) -> None:
-        """Refuses a non-loopback address: without mutual TLS only this machine may connect."""
+        """Refuses what a server must not start with: a partial TLS configuration; a policy
+        without TLS (it could name no certificate identity); TLS without a policy unless
+        authz_allow_all says so (fail closed); and a non-loopback address without mutual TLS
+        (only this machine may connect in the clear)."""
+        if self.tls and not (self.tls_ca and self.tls_cert and self.tls_key):
+            raise ConfigurationError("mutual TLS needs all of --tls-ca, --tls-cert and --tls-key")
+        if self.policy_file and not self.tls:
+            raise ConfigurationError(
+                "a policy file needs mutual TLS: identities come from client certificates"
+            )
+        if self.tls and not self.policy_file and not self.authz_allow_all:
+            raise ConfigurationError(
+                "mutual TLS without a policy file would let every certificate call everything: "
+                "set --policy-file, or KEYBROKER_AUTHZ_ALLOW_ALL=true to allow that explicitly"
+            )
+        if self.tls:
+            return
         host, _ = self.host_port
         if host == "localhost":
             return

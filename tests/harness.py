@@ -100,8 +100,10 @@ async def running_broker(
     migrate: bool = False,
     providers: ProviderRegistry | None = None,
     with_storage: bool = False,
+    credentials: grpc.ChannelCredentials | None = None,
 ) -> AsyncIterator[BrokerUnderTest]:
-    """Runs `serve` in a task of its own (its task group opens and closes there) until exit."""
+    """Runs `serve` in a task of its own (its task group opens and closes there) until exit.
+    `credentials`: the test's channel uses TLS with them (for a broker with mutual TLS)."""
     clock = clock or Clock()
     stop = anyio.Event()
     started: asyncio.Future[Running] = asyncio.get_running_loop().create_future()
@@ -134,7 +136,7 @@ async def running_broker(
             raise error
         raise AssertionError("serve returned without starting")
     running = started.result()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
+    channel = open_channel(running.port, credentials)
     try:
         yield BrokerUnderTest(
             running, channel, cast(Any, pb_grpc.KeyBrokerStub(channel)), clock, settings
@@ -143,6 +145,14 @@ async def running_broker(
         await channel.close()
         stop.set()
         await task
+
+
+def open_channel(port: int, credentials: grpc.ChannelCredentials | None = None) -> grpc.aio.Channel:
+    """A channel to a loopback server: TLS when `credentials` are given."""
+    address = f"127.0.0.1:{port}"
+    if credentials is None:
+        return grpc.aio.insecure_channel(address)
+    return grpc.aio.secure_channel(address, credentials)
 
 
 def error_info(exc: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo | None:

@@ -4,6 +4,9 @@ runner, in one anyio task group per process.
 `keybroker workers` runs them with a gRPC server of their own and reaches the broker at
 `broker_address`; `keybroker up` attaches them to the broker's server (broker.server), and
 Storage reaches the broker on that same port through the generated stubs.
+With TLS settings both the server and the channel to the broker use mutual TLS (broker.certs):
+the workers present their own client certificate, and with a policy file Storage's callers are
+authorized by broker.authz (refusals audited in a transaction of their own: `_record_denial`).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 
 import anyio
 import grpc
@@ -22,12 +26,15 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from broker import certs
 from broker.api import storage_pb2 as spb
-from broker.audit import AuditLog
+from broker.audit import AuditEvent, AuditLog
+from broker.authz import authz_interceptors
 from broker.db import schema
 from broker.db.engine import create_engine, is_postgresql, session_factory
 from broker.errors import ConfigurationError
 from broker.interceptors import ErrorInterceptor
+from broker.limits import DeadlineInterceptor, server_options
 from broker.settings import Settings
 from workers import retention
 from workers.broker_client import BrokerClient
@@ -112,6 +119,14 @@ async def run_background(
         sweeper.cancel()
 
 
+async def _record_denial(storage: Storage, event: AuditEvent) -> None:
+    # A workers process runs no group committer of its own (its AuditLog only writes inside
+    # transactions): a refused call's record gets a transaction of its own. Refusals are rare,
+    # so the commit per record costs nothing that matters.
+    async with storage.context.sessions.begin() as session:
+        await storage.audit.record_in(session, event)
+
+
 @dataclass(frozen=True)
 class RunningWorkers:
     port: int
@@ -132,16 +147,24 @@ async def serve_workers(
     engine = create_engine(settings.database)
     try:
         await schema.require_current(engine)
-        async with grpc.aio.insecure_channel(settings.broker_address) as channel:
+        credentials = certs.listen_credentials(settings)
+        async with certs.broker_channel(settings, settings.broker_address) as channel:
             storage = build_storage(settings, engine, channel, now)
-            server = grpc.aio.server(interceptors=[ErrorInterceptor()])
+            server = grpc.aio.server(
+                interceptors=[
+                    ErrorInterceptor(),
+                    DeadlineInterceptor(),
+                    *authz_interceptors(settings, partial(_record_denial, storage)),
+                ],
+                options=server_options(),
+            )
             add_to_server(storage.service, server)
             health_servicer = health.aio.HealthServicer()
             health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
             reflection.enable_server_reflection(
                 (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
             )
-            port = server.add_insecure_port(settings.listen)
+            port = certs.add_port(server, settings.listen, credentials)
             stopping = anyio.Event()
             async with anyio.create_task_group() as tg:
                 await server.start()

@@ -13,8 +13,10 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from broker import convert
 from broker.api import storage_pb2 as spb
 from broker.api import storage_pb2_grpc as spb_grpc
+from broker.authz import check_name, check_resource
 from broker.errors import InvalidArgument, NotFound
 from broker.identity import call_identity
+from broker.limits import StreamLimiter
 from broker.names import parse_resource, resource_name
 from workers import jobs
 from workers.jobs import JobQueue
@@ -85,6 +87,8 @@ async def _header_then_chunks(
     first = await anext(iterator, None)
     if first is None or first.WhichOneof("part") != "header":
         raise InvalidArgument("MISSING_FIELD", "the first message must carry the header")
+    # The name arrives only now: the caller's grant is checked here (broker.authz, deferred).
+    check_name(first.header.name)
 
     async def chunks() -> AsyncIterator[bytes]:
         async for message in iterator:
@@ -114,6 +118,8 @@ class StorageService(spb_grpc.StorageServicer):
         self._detached = objects.detached
         self._sessions = sessions
         self._now = now
+        # Uploads and downloads hold memory, a file and a thread hop each: bounded per caller.
+        self._streams = StreamLimiter()
 
     # -- models ----------------------------------------------------------------------------------
 
@@ -121,18 +127,21 @@ class StorageService(spb_grpc.StorageServicer):
         self, request_iterator: AsyncIterable[spb.UploadModelRequest], context: Context
     ) -> spb.UploadModelResponse:
         caller = call_identity(context)[0]
-        name, chunks = await _header_then_chunks(request_iterator)
-        row = await self._objects.put_model(name, chunks, caller)
+        with self._streams.hold(caller):
+            name, chunks = await _header_then_chunks(request_iterator)
+            row = await self._objects.put_model(name, chunks, caller)
         return spb.UploadModelResponse(model=model_message(row))
 
     async def DownloadModel(
         self, request: spb.DownloadModelRequest, context: Context
     ) -> AsyncIterator[spb.DownloadModelResponse]:
-        row = await self._detached.run(self._objects.get_model(request.name))
-        plaintext = await self._objects.read_model(row, call_identity(context)[0])
-        yield spb.DownloadModelResponse(model=model_message(row))
-        async for chunk in plaintext:
-            yield spb.DownloadModelResponse(chunk=chunk)
+        caller = call_identity(context)[0]
+        with self._streams.hold(caller):
+            row = await self._detached.run(self._objects.get_model(request.name))
+            plaintext = await self._objects.read_model(row, caller)
+            yield spb.DownloadModelResponse(model=model_message(row))
+            async for chunk in plaintext:
+                yield spb.DownloadModelResponse(chunk=chunk)
 
     async def GetModel(
         self, request: spb.GetModelRequest, context: Context
@@ -182,8 +191,9 @@ class StorageService(spb_grpc.StorageServicer):
         self, request_iterator: AsyncIterable[spb.UploadAnalyzeResultRequest], context: Context
     ) -> spb.UploadAnalyzeResultResponse:
         caller = call_identity(context)[0]
-        name, chunks = await _header_then_chunks(request_iterator)
-        row = await self._objects.put_result(name, chunks, caller)
+        with self._streams.hold(caller):
+            name, chunks = await _header_then_chunks(request_iterator)
+            row = await self._objects.put_result(name, chunks, caller)
         return spb.UploadAnalyzeResultResponse(operation=operation_message(row))
 
     async def GetAnalyzeOperation(
@@ -195,11 +205,13 @@ class StorageService(spb_grpc.StorageServicer):
     async def DownloadAnalyzeResult(
         self, request: spb.DownloadAnalyzeResultRequest, context: Context
     ) -> AsyncIterator[spb.DownloadAnalyzeResultResponse]:
-        row = await self._detached.run(self._objects.get_operation(request.name))
-        plaintext = await self._objects.read_result(row, call_identity(context)[0])
-        yield spb.DownloadAnalyzeResultResponse(operation=operation_message(row))
-        async for chunk in plaintext:
-            yield spb.DownloadAnalyzeResultResponse(chunk=chunk)
+        caller = call_identity(context)[0]
+        with self._streams.hold(caller):
+            row = await self._detached.run(self._objects.get_operation(request.name))
+            plaintext = await self._objects.read_result(row, caller)
+            yield spb.DownloadAnalyzeResultResponse(operation=operation_message(row))
+            async for chunk in plaintext:
+                yield spb.DownloadAnalyzeResultResponse(chunk=chunk)
 
     async def DeleteAnalyzeResult(
         self, request: spb.DeleteAnalyzeResultRequest, context: Context
@@ -235,6 +247,7 @@ class StorageService(spb_grpc.StorageServicer):
         row = await self._detached.run(self._queue.get(job_id))
         if row is None:
             raise NotFound("JOB_NOT_FOUND", f"{request.name} does not exist")
+        check_resource(row.resource_id)  # a job's name does not say its resource (broker.authz)
         return spb.GetJobResponse(job=job_message(row))
 
 

@@ -32,6 +32,9 @@ class CallContext:
     def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
         return (("user-agent", "bench"),)
 
+    def peer_identities(self) -> None:
+        return None  # plain loopback TCP: no client certificate
+
     def peer(self) -> str:
         return "ipv4:127.0.0.1:1"
 
