@@ -94,12 +94,26 @@ class KeyStore:
         self._master_keys = master_keys
         self.cache = cache
         self.providers = providers
+        # Root-key unwraps attempted and failed (GetStatus reports them; a customer-managed
+        # root makes each one a provider call).
+        self.root_key_calls = 0
+        self.root_key_failures = 0
 
     async def current(self, resource_id: str, purpose: Purpose) -> UsableKey:
         """The version that wraps new data keys (version 0 in the cache key means "current")."""
         return await self.cache.get(
-            (resource_id, purpose.value, 0), lambda: self._load(resource_id, purpose, None)
+            (resource_id, purpose.value, 0), lambda: self._load_current(resource_id, purpose)
         )
+
+    async def _load_current(self, resource_id: str, purpose: Purpose) -> UsableKey:
+        # Looks up which version is current, then shares that version's own cache entry: a
+        # caller generating data keys and one decrypting them open the key once per TTL, not
+        # once each (one root-key provider call per resource key per TTL).
+        async with self._sessions() as session:
+            ring = await session.get(KeyRingRow, (resource_id, purpose.value))
+        if ring is None:
+            raise resource_not_found(resource_id)
+        return await self.version(resource_id, purpose, ring.current_version)
 
     async def version(self, resource_id: str, purpose: Purpose, version: int) -> UsableKey:
         """A specific version, for unwrapping."""
@@ -139,12 +153,17 @@ class KeyStore:
         assert row.wrapped_key is not None
         customer = customer_reference(customer_key) if customer_key else None
         root = self.root_of(resource_id, row.root_key_id, customer)
+        self.root_key_calls += 1
         try:
             sealed = await root.unprotect(row.wrapped_key)
         except CustomerKeyUnavailable:
+            self.root_key_failures += 1
             # Revocation seen here reaches every cached key of the resource at once (the
             # failures already remembered stay, so the vault is not asked again for them).
             self.cache.invalidate(lambda k: k[0] == resource_id, failures_too=False)
+            raise
+        except Exception:
+            self.root_key_failures += 1
             raise
         key = open_resource_key(service_root, row, sealed)
         return UsableKey(version, name, AESGCMSIV(key), None)

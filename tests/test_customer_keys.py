@@ -525,3 +525,25 @@ async def test_concurrent_decrypts_on_a_cold_cache_make_one_vault_call_per_key(
     replies = await asyncio.gather(*(decrypt(kb, name, wrapped) for _ in range(64)))
     assert set(replies) == {plaintext}
     assert kb.running.broker.keys.cache.counters.loads - before == 1
+
+
+@pytest.mark.asyncio
+async def test_generating_and_decrypting_share_one_vault_call_per_key(
+    kb: BrokerUnderTest, vault: CustomerVault
+) -> None:
+    """Callers generating (the current version) and decrypting (that same version, by number)
+    on a cold cache make one root-key call between them, and GetStatus counts exactly that."""
+    v = vault.create_key("k1", "RSA", 2048)
+    await kb.stub.CreateResource(pb.CreateResourceRequest(resource_id="r1"))
+    await enable(kb, vault.ref("k1", v.version))
+    ((name, wrapped, plaintext),) = await data_keys(kb, (MODEL,))
+    drop_cache(kb)
+    status = await kb.stub.GetStatus(pb.GetStatusRequest())
+    before = status.key_cache.root_key_calls
+    generate = pb.GenerateDataKeyRequest(name=name)
+    calls = [kb.stub.GenerateDataKey(generate) for _ in range(32)]
+    replies = await asyncio.gather(*calls, *(decrypt(kb, name, wrapped) for _ in range(32)))
+    assert set(replies[32:]) == {plaintext}
+    status = await kb.stub.GetStatus(pb.GetStatusRequest())
+    assert status.key_cache.root_key_calls - before == 1
+    assert kb.running.broker.keys.root_key_calls == status.key_cache.root_key_calls
