@@ -330,19 +330,42 @@ def print_table(report: dict[str, Any]) -> None:
         print(f"{name:<44}{value:>8.2f}" + (f"  (target {target})" if target else ""))
 
 
-def main() -> None:
+def judge(report: dict[str, Any]) -> None:
+    """Adds issue 5's target (d) and whether every part of it was met."""
+    missed = []
+    for name, (op, value) in TARGETS.items():
+        got = report["ratios"][name]
+        if not (got >= value if op == ">=" else got < value):
+            missed.append(name)
+    report["target"] = "; ".join(f"{name} {op} {value}" for name, (op, value) in TARGETS.items())
+    report["met"] = not missed
+    report["missed"] = missed
+    r = report["ratios"]
+    rss = max(r["upload workers peak RSS growth MiB"], r["download workers peak RSS growth MiB"])
+    report["headline"] = (
+        f"up {r['upload MB/s Storage vs raw gRPC']:.2f}x, down"
+        f" {r['download MB/s Storage vs raw gRPC']:.2f}x raw gRPC; RSS +{rss:.0f} MiB;"
+        f" encrypt {r['stream encrypt ours vs tink']:.1f}x tink"
+    )
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size-mib", type=int, default=256, help="model size (default 256)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per figure (default 3)")
     parser.add_argument("--smoke", action="store_true", help="8 MiB, one run")
     parser.add_argument("--json", type=Path, help="also write the report here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     report = run(8, 1, 8) if args.smoke else run(args.size_mib, args.repeats, 64)
+    judge(report)
     print_table(report)
+    if report["missed"]:
+        print(f"NOT met: {', '.join(report['missed'])}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2))
         print(f"\nwrote {args.json}")
+    return report
 
 
 if __name__ == "__main__":

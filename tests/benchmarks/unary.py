@@ -226,19 +226,39 @@ def print_table(report: dict[str, Any]) -> None:
         print(f"{name:<66}{value:>8.2f}")
 
 
-def main() -> None:
+TARGET_CALLS_RATIO = 0.85
+TARGET_P99_RATIO = 1.2
+
+
+def judge(report: dict[str, Any]) -> None:
+    """Adds issue 5's target (a) and whether it was met."""
+    ratios = report["ratios"]
+    calls = ratios.get("DecryptDataKey@64 calls/s vs echo", 0.0)
+    p99 = ratios.get("DecryptDataKey@64 p99 vs echo", float("inf"))
+    report["target"] = (
+        f"DecryptDataKey at 64 callers >= {TARGET_CALLS_RATIO}x echo calls/s,"
+        f" p99 <= {TARGET_P99_RATIO}x echo p99"
+    )
+    report["met"] = calls >= TARGET_CALLS_RATIO and p99 <= TARGET_P99_RATIO
+    report["headline"] = f"DecryptDataKey@64 {calls:.2f}x echo calls/s, p99 {p99:.2f}x"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=5.0, help="per case (default 5)")
     parser.add_argument("--smoke", action="store_true", help="a few tenths of a second per case")
     parser.add_argument("--json", type=Path, help="also write the report here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     seconds = 0.3 if args.smoke else args.seconds
     report = asyncio.run(run(seconds, [1, 64], 500 if args.smoke else 4000))
+    judge(report)
     print_table(report)
+    print(f"target {report['target']}: {'met' if report['met'] else 'NOT met'}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2))
         print(f"\nwrote {args.json}")
+    return report
 
 
 if __name__ == "__main__":
