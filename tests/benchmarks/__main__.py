@@ -1,6 +1,6 @@
 """Every benchmark of issue 5, one after another, then one summary table and one JSON report.
 
-    scripts/bench [--smoke] [--json PATH] [--only a,b,...] [--seconds S]
+    scripts/bench [--smoke] [--json PATH] [--only a,b,...] [--seconds S] [--tls]
 
 Cases (each beside its baseline, measured in the same run; ratios are what to compare on a
 shared machine):
@@ -12,20 +12,25 @@ shared machine):
   f  reuseport.py   several broker processes sharing one port (SO_REUSEPORT) vs one
 
 `--smoke` runs each for seconds only (CI runs it so the benchmarks never rot; targets are not
-judged then). `--json PATH` writes {"cases": {letter: report}, ...} with every module's figures,
-ratios, target and whether it was met, plus the environment. A full run takes about 8 minutes.
+judged then). `--tls` runs a, b and d with mutual TLS and the development authorization policy
+on, the baselines serving the same TLS (issue 6: the targets must still hold). `--json PATH`
+writes {"cases": {letter: report}, ...}: every module's figures, ratios, target and whether it
+was met, plus the environment. A full run takes about 8 minutes.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from broker.certs import init_dev_certs
 from tests.benchmarks import batch, cold_cache, retention, reuseport, streaming, unary
-from tests.benchmarks.common import environment, now_utc
+from tests.benchmarks.common import TLS_ENV, environment, now_utc
 
 Main = Callable[[list[str]], dict[str, Any]]
 CASES: dict[str, tuple[str, Main]] = {
@@ -57,7 +62,16 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the combined report here")
     parser.add_argument("--only", default="abcdef", help="case letters to run (default abcdef)")
     parser.add_argument("--seconds", type=float, help="per measured case of a, b and f")
+    parser.add_argument("--tls", action="store_true", help="mutual TLS + authorization (a, b, d)")
     args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as certs:
+        if args.tls:
+            init_dev_certs(Path(certs))
+            os.environ[TLS_ENV] = certs  # read by the cases and inherited by their servers
+        run_cases(args)
+
+
+def run_cases(args: argparse.Namespace) -> None:
     letters = [c for c in args.only.replace(",", "") if c in CASES]
     reports: dict[str, dict[str, Any]] = {}
     for letter in letters:
@@ -68,6 +82,8 @@ def main() -> None:
             argv += ["--seconds", str(args.seconds)]
         reports[letter] = run(argv)
     print("\n=== summary" + (" (smoke: figures prove the code runs, nothing more)" * args.smoke))
+    if args.tls:
+        print("mutual TLS and the authorization policy on (cases a, b, d; baselines over TLS too)")
     print(f"{'case':<18}{'met':<6}figure")
     for letter, report in reports.items():
         met = "-" if args.smoke else ("yes" if report.get("met") else "NO")
@@ -78,6 +94,7 @@ def main() -> None:
             "benchmark": "keybroker",
             "date": now_utc(),
             "smoke": args.smoke,
+            "tls": args.tls,
             "environment": environment(),
             "cases": reports,
         }

@@ -17,11 +17,16 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import grpc
-
 from broker.api import key_broker_pb2 as pb
 from broker.api import key_broker_pb2_grpc as pb_grpc
-from tests.benchmarks.common import closed_loop, environment, now_utc, parser, write_report
+from tests.benchmarks.common import (
+    channel,
+    closed_loop,
+    environment,
+    now_utc,
+    parser,
+    write_report,
+)
 from tests.benchmarks.unary import cpu_seconds, free_port, start_up, wait_ready
 
 TARGET_KEYS_PER_S = 50_000
@@ -72,8 +77,8 @@ async def run(seconds: float) -> dict[str, Any]:
         broker = start_up(f"{tmp}/data", port)
         try:
             await wait_ready(f"127.0.0.1:{port}")
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                stub: Any = pb_grpc.KeyBrokerStub(channel)
+            async with channel(f"127.0.0.1:{port}") as ch:
+                stub: Any = pb_grpc.KeyBrokerStub(ch)
                 await stub.CreateResource(pb.CreateResourceRequest(resource_id="bench"))
                 items = await _keys(stub, max(BATCH_SIZES))
                 results: list[BatchFigures] = []

@@ -66,3 +66,49 @@ async def closed_loop(
 
     await asyncio.gather(*(caller() for _ in range(concurrency)))
     return calls, time.perf_counter() - started
+
+
+# -- mutual TLS (issue 6: the targets must hold with mTLS and authorization on) -------------------
+
+TLS_ENV = "KEYBROKER_BENCH_TLS_DIR"
+"""When set, a directory made by `keybroker certs init`: the brokers start with `--tls` (mutual
+TLS and its development policy), the baselines serve TLS with the same server certificate, and
+clients present the `workers` certificate (admin and data-plane roles)."""
+TLS_CLIENT = "workers"
+
+
+def tls_dir() -> Path | None:
+    value = os.environ.get(TLS_ENV)
+    return Path(value) if value else None
+
+
+def server_tls_argv() -> list[str]:
+    """Flags that put `keybroker up` on mutual TLS with the benchmark's certificates."""
+    d = tls_dir()
+    return [] if d is None else ["--tls", "--certs-dir", str(d)]
+
+
+def channel(address: str) -> grpc.aio.Channel:
+    """A client channel to a benchmark server: mutual TLS when the run uses it."""
+    d = tls_dir()
+    if d is None:
+        return grpc.aio.insecure_channel(address)
+    from broker.certs import channel_credentials
+
+    credentials = channel_credentials(
+        d / "ca.pem", d / f"{TLS_CLIENT}.pem", d / f"{TLS_CLIENT}.key"
+    )
+    return grpc.aio.secure_channel(address, credentials)
+
+
+def add_baseline_port(server: grpc.aio.Server, address: str) -> None:
+    """The baselines' listening port: the broker's own transport (mutual TLS or plain TCP)."""
+    d = tls_dir()
+    if d is None:
+        server.add_insecure_port(address)
+        return
+    from broker.certs import server_credentials
+
+    server.add_secure_port(
+        address, server_credentials(d / "ca.pem", d / "server.pem", d / "server.key")
+    )

@@ -14,6 +14,7 @@ import grpc
 
 from broker.api import key_broker_pb2 as pb
 from broker.api import key_broker_pb2_grpc as pb_grpc
+from tests.benchmarks.common import add_baseline_port
 
 _REPLY = pb.DecryptDataKeyResponse(
     plaintext_data_key=bytes(32), key_id="resources/bench/resourceKeys/models/versions/1"
@@ -31,7 +32,7 @@ async def main(port: int) -> None:
     server = grpc.aio.server()
     # Only DecryptDataKey is called; the other abstract methods are never reached.
     pb_grpc.add_KeyBrokerServicer_to_server(EchoBroker(), server)  # type: ignore[abstract]
-    server.add_insecure_port(f"127.0.0.1:{port}")
+    add_baseline_port(server, f"127.0.0.1:{port}")  # mTLS when the run uses it
     await server.start()
     print("ready", flush=True)
     await server.wait_for_termination()

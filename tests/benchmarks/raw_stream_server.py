@@ -22,6 +22,8 @@ from typing import Any
 
 import grpc
 
+from tests.benchmarks.common import add_baseline_port
+
 SERVICE = "keybroker.bench.RawStream"
 UPLOAD = f"/{SERVICE}/Upload"
 DOWNLOAD = f"/{SERVICE}/Download"
@@ -61,7 +63,7 @@ def handler() -> grpc.GenericRpcHandler:
 async def main(port: int) -> None:
     server = grpc.aio.server()
     server.add_generic_rpc_handlers((handler(),))
-    server.add_insecure_port(f"127.0.0.1:{port}")
+    add_baseline_port(server, f"127.0.0.1:{port}")  # mTLS when the run uses it
     await server.start()
     print("ready", flush=True)
     await server.wait_for_termination()

@@ -41,6 +41,7 @@ from broker.api import key_broker_pb2_grpc as pb_grpc
 from broker.api import storage_pb2 as spb
 from broker.api import storage_pb2_grpc as spb_grpc
 from tests.benchmarks import raw_stream_server, stream
+from tests.benchmarks.common import channel
 from tests.benchmarks.unary import cpu_seconds, free_port, start, start_up, wait_ready
 
 CHUNK = 1 << 20
@@ -204,8 +205,8 @@ async def run_servers(size: int, repeats: int) -> list[Figures]:
             await wait_ready(f"127.0.0.1:{broker_port}")
             await wait_ready(f"127.0.0.1:{raw_port}")
             async with (
-                grpc.aio.insecure_channel(f"127.0.0.1:{broker_port}") as bch,
-                grpc.aio.insecure_channel(f"127.0.0.1:{raw_port}") as rch,
+                channel(f"127.0.0.1:{broker_port}") as bch,
+                channel(f"127.0.0.1:{raw_port}") as rch,
             ):
                 await pb_grpc.KeyBrokerStub(bch).CreateResource(
                     pb.CreateResourceRequest(resource_id=RESOURCE)

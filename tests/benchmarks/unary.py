@@ -32,6 +32,7 @@ import grpc
 from broker.api import key_broker_pb2 as pb
 from broker.api import key_broker_pb2_grpc as pb_grpc
 from tests.benchmarks import handler
+from tests.benchmarks.common import channel, server_tls_argv
 
 NAME = "resources/bench/models/m1"
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -63,10 +64,10 @@ class Figures:
 
 async def wait_ready(address: str) -> None:
     deadline = time.monotonic() + 30
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with channel(address) as ch:
         while True:
             try:
-                await asyncio.wait_for(channel.channel_ready(), 1)
+                await asyncio.wait_for(ch.channel_ready(), 1)
                 return
             except TimeoutError:
                 if time.monotonic() > deadline:
@@ -116,7 +117,7 @@ def start_up(data_dir: str, port: int) -> subprocess.Popen[bytes]:
     """`keybroker up` on the embedded default, every production check on, quiet logs."""
     argv = [sys.executable, "-m", "broker.cli", "up", "--data-dir", data_dir]
     env = dict(os.environ, KEYBROKER_LOG_LEVEL="WARNING")
-    return start([*argv, "--listen", f"127.0.0.1:{port}"], env)
+    return start([*argv, "--listen", f"127.0.0.1:{port}", *server_tls_argv()], env)
 
 
 async def run(seconds: float, concurrencies: list[int], handler_calls: int) -> dict[str, Any]:
@@ -128,8 +129,8 @@ async def run(seconds: float, concurrencies: list[int], handler_calls: int) -> d
             await wait_ready(f"127.0.0.1:{broker_port}")
             await wait_ready(f"127.0.0.1:{echo_port}")
             async with (
-                grpc.aio.insecure_channel(f"127.0.0.1:{broker_port}") as bch,
-                grpc.aio.insecure_channel(f"127.0.0.1:{echo_port}") as ech,
+                channel(f"127.0.0.1:{broker_port}") as bch,
+                channel(f"127.0.0.1:{echo_port}") as ech,
             ):
                 bstub: Any = pb_grpc.KeyBrokerStub(bch)
                 estub: Any = pb_grpc.KeyBrokerStub(ech)
