@@ -21,9 +21,9 @@ Per call (the wrapped handler is cached per method, as ErrorInterceptor does):
    `check_resource` once it has parsed the name (workers.storage_service).
 3. A refusal is audited (outcome PERMISSION_DENIED, reason PERMISSION_DENIED or
    RESOURCE_NOT_PERMITTED) through the `record` callable the server gives: the broker's group
-   committed AuditLog.record; a workers process on its own writes the record in a transaction of
-   its own (workers.server), since it runs no group committer. Then the call fails; no handler
-   work has happened.
+   committed AuditLog.record; a workers process on its own sends it to the broker
+   (WriteAuditRecord, workers.audit_recorder), which chains it in its own trail. Then the call
+   fails; no handler work has happened.
 
 Workers acting for an end caller: the broker sees the workers' certificate and checks the
 workers' grant (the end caller in `keybroker-on-behalf-of` is recorded, never trusted); Storage
@@ -111,6 +111,9 @@ METHOD_RULES: Mapping[str, Rule] = {
     _KB + "BatchRewrapDataKeys": _DATA,
     # The audit trail: auditor.
     _KB + "ListAuditRecords": _AUDITOR,
+    # The workers' own records, written into the broker's chained trail: admin, which the
+    # workers' identity holds (broker.certs.DEV_ROLES); a data-plane caller cannot write records.
+    _KB + "WriteAuditRecord": _ADMIN,
     _KB + "GetStatus": ANY,
     # Storage objects: data-plane; jobs: admin.
     _ST + "UploadModel": _DATA_DEFERRED,

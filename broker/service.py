@@ -3,11 +3,18 @@
 Every RPC is audited. A state change that succeeds writes its record inside its own transaction
 (broker.lifecycle); every other outcome (reads, data-key calls, rejections) goes through the
 group-committed AuditLog, and the reply waits until its record is durable.
+
+One RPC writes someone else's record: WriteAuditRecord takes a record from a workers process
+(which holds no master key, so cannot chain records itself) and writes it, with the
+authenticated caller as its caller, into this process's chained trail. That record is the
+audit of the call: a successful call writes exactly that one record, a refused one the usual
+record of a refused WriteAuditRecord.
 """
 
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -16,6 +23,7 @@ import grpc
 from broker import audit_trail, convert
 from broker.api import key_broker_pb2 as pb
 from broker.api import key_broker_pb2_grpc as pb_grpc
+from broker.api import storage_pb2 as spb
 from broker.audit import AuditEvent, AuditLog
 from broker.cmk import FULL_SCOPE, LEGACY_SCOPE, CustomerKeys, check_reference
 from broker.data_plane import DataKeys
@@ -43,6 +51,26 @@ Item = TypeVar("Item")
 Result = TypeVar("Result")
 
 VERSION = "0.1.0"
+
+WORKER_OPERATIONS = frozenset(
+    {
+        # workers.retention: the sweep of expired analyze results, and the purge of a destroyed
+        # resource's objects.
+        "ExpireAnalyzeResults",
+        "PurgeResourceObjects",
+        # Storage calls refused by the workers' authorization (broker.authz).
+        *(m.name for m in spb.DESCRIPTOR.services_by_name["Storage"].methods),
+    }
+)
+"""The operations WriteAuditRecord accepts: a closed set, so a caller cannot pass its records
+off as the broker's own (a forged "DestroyResourceKeyVersion", say)."""
+
+MAX_ON_BEHALF_OF_LENGTH = 200
+"""Longest on_behalf_of a WriteAuditRecord may carry (as broker.identity cuts the metadata)."""
+
+_OUTCOMES = frozenset(code.name for code in grpc.StatusCode)
+# An ErrorInfo reason (UPPER_SNAKE_CASE); the column holds 64 characters.
+_REASON_RE = re.compile(r"[A-Z][A-Z0-9_]{0,63}")
 
 
 def audited(
@@ -425,6 +453,58 @@ class KeyBrokerService(pb_grpc.KeyBrokerServicer):
             response.next_page_token = convert.encode_page_token("a", str(rows[size - 1].id))
         event.item_count = len(response.audit_records)
         return response
+
+    @audited("WriteAuditRecord")
+    async def WriteAuditRecord(
+        self, request: pb.WriteAuditRecordRequest, context: Context, event: AuditEvent
+    ) -> pb.WriteAuditRecordResponse:
+        # The decorator writes `event` once this returns: made into the workers' record here,
+        # it is the one record of this call (caller: the authenticated caller, from the
+        # decorator; never a name from the request). Group-committed, like any call's record,
+        # and the reply waits for it. Detached (not hot_path): a caller that gives up still
+        # gets its record written.
+        _worker_record(request, event)
+        return pb.WriteAuditRecordResponse()
+
+
+def _worker_record(request: pb.WriteAuditRecordRequest, event: AuditEvent) -> None:
+    """Checks every field of a WriteAuditRecord first, then turns `event` (the call's own record)
+    into the workers' record: a refused request leaves the event as the decorator made it.
+    Every string is checked before it reaches the trail, since a NUL or an over-long value
+    would fail the whole group commit on PostgreSQL."""
+    if not request.operation:
+        raise InvalidArgument("MISSING_FIELD", "operation is required")
+    if request.operation not in WORKER_OPERATIONS:
+        # Not echoed: the value may be anything.
+        raise InvalidArgument("UNKNOWN_OPERATION", "operation is not one the workers record")
+    resource = None
+    if request.resource:
+        parse_resource(request.resource, "resource")
+        resource = request.resource
+    if request.item_count < 0:
+        raise InvalidArgument("INVALID_ITEM_COUNT", "item_count must not be negative")
+    outcome = request.outcome or "OK"
+    if outcome not in _OUTCOMES:
+        raise InvalidArgument("INVALID_OUTCOME", "outcome must be OK or a gRPC status code name")
+    if request.reason and (outcome == "OK" or not _REASON_RE.fullmatch(request.reason)):
+        raise InvalidArgument(
+            "INVALID_REASON",
+            "reason must be an ErrorInfo reason (A-Z, 0-9, _; at most 64) of a failed outcome",
+        )
+    on_behalf_of = request.on_behalf_of
+    if len(on_behalf_of) > MAX_ON_BEHALF_OF_LENGTH:
+        raise InvalidArgument(
+            "FIELD_TOO_LONG", f"on_behalf_of is longer than {MAX_ON_BEHALF_OF_LENGTH} characters"
+        )
+    if not on_behalf_of.isprintable():
+        raise InvalidArgument("INVALID_ON_BEHALF_OF", "on_behalf_of must be printable text")
+    event.operation = request.operation
+    event.resource = resource
+    event.item_count = request.item_count
+    event.outcome = outcome
+    event.reason = request.reason or None
+    if on_behalf_of:
+        event.on_behalf_of = on_behalf_of
 
 
 def _resource(view: ResourceView) -> pb.Resource:

@@ -2,6 +2,9 @@
 
 Each call has a deadline; only UNAVAILABLE is retried (a few times, with backoff and jitter).
 The end caller's identity travels along as `keybroker-on-behalf-of` for the broker's audit.
+The workers' own audit records go to the broker too (`write_audit_record`, for
+workers.audit_recorder): a retried write that had in fact committed leaves the record twice,
+which is better than never.
 Broker errors come back as the workers' own errors: a data key that does not decrypt means the
 stored object is damaged (DATA_LOSS); a revoked customer key or a resource being deleted keep
 their status and reason.
@@ -23,6 +26,7 @@ from grpc_status import rpc_status
 
 from broker.api import key_broker_pb2 as pb
 from broker.api import key_broker_pb2_grpc as pb_grpc
+from broker.audit import AuditEvent
 from broker.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -30,7 +34,7 @@ from broker.errors import (
     NotFound,
     Unavailable,
 )
-from broker.identity import ON_BEHALF_OF_KEY
+from broker.identity import ON_BEHALF_OF_KEY, REQUEST_ID_KEY
 from workers.errors import StoredObjectCorrupt
 
 T = TypeVar("T")
@@ -85,9 +89,17 @@ class BrokerClient:
         self._deadline = deadline
 
     async def _call(
-        self, method: Callable[..., Awaitable[T]], request: Any, on_behalf_of: str
+        self,
+        method: Callable[..., Awaitable[T]],
+        request: Any,
+        on_behalf_of: str,
+        request_id: str = "",
     ) -> T:
-        metadata = ((ON_BEHALF_OF_KEY, on_behalf_of),) if on_behalf_of else None
+        metadata: tuple[tuple[str, str], ...] | None = None
+        if on_behalf_of:
+            metadata = ((ON_BEHALF_OF_KEY, on_behalf_of),)
+        if request_id:
+            metadata = (*(metadata or ()), (REQUEST_ID_KEY, request_id))
         for attempt in range(ATTEMPTS):
             try:
                 return await method(request, timeout=self._deadline, metadata=metadata)
@@ -172,6 +184,24 @@ class BrokerClient:
             self._stub.ListResourceKeyVersions, request, ""
         )
         return list(reply.resource_key_versions)
+
+    async def write_audit_record(self, event: AuditEvent) -> None:
+        """Has the broker write `event` into its chained trail (KeyBroker.WriteAuditRecord);
+        returns once it is durable. The broker records this process's identity as the caller,
+        and `event.caller` as on_behalf_of; the event's request id goes along as the call's."""
+        request = pb.WriteAuditRecordRequest(
+            operation=event.operation,
+            resource=event.resource or "",
+            item_count=event.item_count,
+            outcome=event.outcome,
+            reason=event.reason or "",
+            # The broker refuses what is not printable text: an identity that holds such
+            # characters (a certificate's, decoded with replacement) is recorded with "?".
+            on_behalf_of=event.caller
+            if event.caller.isprintable()
+            else "".join(c if c.isprintable() else "?" for c in event.caller),
+        )
+        await self._call(self._stub.WriteAuditRecord, request, "", event.request_id)
 
     async def destroy_version(self, name: str) -> None:
         request = pb.DestroyResourceKeyVersionRequest(name=name)

@@ -14,6 +14,11 @@ which is the retry. So a sweep killed between the steps leaves shredded rows tha
 removes, and a blob that fails to go keeps its row until it goes. A row deleted by
 DeleteAnalyzeResult (with its own remove-blob job) that has also expired may be removed by
 either; both are idempotent. `sweep` returns counts, like a retention function should.
+
+Each sweep that shredded something, and each purge, is audited through an AuditRecorder
+(workers.audit_recorder): the broker's chained trail, in process or over gRPC. The record follows
+the work it reports: if it cannot be written the sweep fails (logged, and retried at the next
+tick, which finds nothing left to record for rows already shredded).
 """
 
 from __future__ import annotations
@@ -29,9 +34,10 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from broker.api import key_broker_pb2 as pb
-from broker.audit import AuditEvent, AuditLog
+from broker.audit import AuditEvent
 from broker.errors import KeybrokerError
 from broker.names import resource_name
+from workers.audit_recorder import AuditRecorder
 from workers.blobs import BlobStore
 from workers.models import AnalyzeOperationRow
 from workers.objects import ObjectStore
@@ -58,7 +64,7 @@ async def sweep(
     objects: ObjectStore,
     blobs: BlobStore,
     sessions: async_sessionmaker[AsyncSession],
-    audit: AuditLog,
+    audit: AuditRecorder,
 ) -> SweepCounts:
     """Removes what an earlier sweep shredded but left, then shreds and removes every expired
     result batch by batch (see the module docstring), and clears writes killed mid-way."""
@@ -79,10 +85,10 @@ async def sweep(
         if len(batch) < BATCH:
             break
     if shredded:
-        await _audit(sessions, audit, "ExpireAnalyzeResults", None, shredded)
+        await _audit(audit, "ExpireAnalyzeResults", None, shredded)
         log.info("retention: %d expired analyze results shredded", shredded)
     stale = await blobs.remove_stale_temporaries(older_than=3600)
-    purged = await purge_destroyed_resources(objects, sessions, audit)
+    purged = await purge_destroyed_resources(objects, audit)
     return SweepCounts(shredded, stale, purged, removed)
 
 
@@ -161,9 +167,7 @@ async def _remove(
     return len(gone)
 
 
-async def purge_destroyed_resources(
-    objects: ObjectStore, sessions: async_sessionmaker[AsyncSession], audit: AuditLog
-) -> int:
+async def purge_destroyed_resources(objects: ObjectStore, audit: AuditRecorder) -> int:
     """Objects of a resource whose deletion is scheduled are already unreadable (the broker
     refuses their data keys); once the broker has destroyed the resource, they are purged."""
     purged = 0
@@ -171,30 +175,23 @@ async def purge_destroyed_resources(
         if await objects.broker.resource_state(resource_id) != pb.Resource.DESTROYED:
             continue
         count = await objects.purge_resource(resource_id)
-        await _audit(sessions, audit, "PurgeResourceObjects", resource_name(resource_id), count)
+        await _audit(audit, "PurgeResourceObjects", resource_name(resource_id), count)
         log.info("purged %d objects of destroyed %s", count, resource_name(resource_id))
         purged += count
     return purged
 
 
-async def _audit(
-    sessions: async_sessionmaker[AsyncSession],
-    audit: AuditLog,
-    operation: str,
-    resource: str | None,
-    count: int,
-) -> None:
+async def _audit(audit: AuditRecorder, operation: str, resource: str | None, count: int) -> None:
     event = AuditEvent(operation, CALLER, f"sweep-{anyio.current_time():.0f}", resource=resource)
     event.item_count = count
-    async with sessions.begin() as session:
-        await audit.record_in(session, event)
+    await audit.record(event)
 
 
 async def run(
     objects: ObjectStore,
     blobs: BlobStore,
     sessions: async_sessionmaker[AsyncSession],
-    audit: AuditLog,
+    audit: AuditRecorder,
     interval: timedelta,
 ) -> None:
     """Sweeps every `interval` until cancelled; a failed sweep is logged and retried."""

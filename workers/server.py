@@ -6,7 +6,12 @@ runner, in one anyio task group per process.
 Storage reaches the broker on that same port through the generated stubs.
 With TLS settings both the server and the channel to the broker use mutual TLS (broker.certs):
 the workers present their own client certificate, and with a policy file Storage's callers are
-authorized by broker.authz (refusals audited in a transaction of their own: `_record_denial`).
+authorized by broker.authz (refusals audited: `_record_denial`).
+
+Audit records (retention, refusals) go through `Storage.audit`, an AuditRecorder
+(workers.audit_recorder): the broker's AuditLog under `keybroker up`, else the broker over gRPC
+(WriteAuditRecord), so they join the broker's chained trail; the workers never hold the master
+key.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from broker import certs
 from broker.api import storage_pb2 as spb
-from broker.audit import AuditEvent, AuditLog
+from broker.audit import AuditEvent
 from broker.authz import authz_interceptors
 from broker.db import schema
 from broker.db.engine import create_engine, is_postgresql, session_factory
@@ -37,6 +42,7 @@ from broker.interceptors import ErrorInterceptor
 from broker.limits import DeadlineInterceptor, server_options
 from broker.settings import Settings
 from workers import retention
+from workers.audit_recorder import AuditRecorder, BrokerAuditRecorder
 from workers.broker_client import BrokerClient
 from workers.fs_blobs import filesystem_blob_store
 from workers.job_handlers import JobContext
@@ -58,7 +64,8 @@ class Storage:
     queue: JobQueue
     service: StorageService
     context: JobContext
-    audit: AuditLog
+    # The broker over gRPC; `keybroker up` puts the broker's own AuditLog here.
+    audit: AuditRecorder
 
 
 def build_storage(
@@ -78,7 +85,8 @@ def build_storage(
     owner = f"{socket.gethostname()[:32]}:{os.getpid()}:{os.urandom(3).hex()}"
     queue = JobQueue(sessions, owner, settings.job_lease, now, skip_locked=is_postgresql(engine))
     service = StorageService(objects, queue, sessions, now)
-    return Storage(objects, queue, service, JobContext(sessions, objects, broker), AuditLog(engine))
+    context = JobContext(sessions, objects, broker)
+    return Storage(objects, queue, service, context, BrokerAuditRecorder(broker))
 
 
 async def run_background(
@@ -120,11 +128,9 @@ async def run_background(
 
 
 async def _record_denial(storage: Storage, event: AuditEvent) -> None:
-    # A workers process runs no group committer of its own (its AuditLog only writes inside
-    # transactions): a refused call's record gets a transaction of its own. Refusals are rare,
-    # so the commit per record costs nothing that matters.
-    async with storage.context.sessions.begin() as session:
-        await storage.audit.record_in(session, event)
+    # Read at each refusal, not bound once: `storage.audit` is whichever recorder the process
+    # assembled. If the broker cannot take the record, the refused call fails UNAVAILABLE.
+    await storage.audit.record(event)
 
 
 @dataclass(frozen=True)

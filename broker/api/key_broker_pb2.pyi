@@ -1593,3 +1593,67 @@ class AuditRecord(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AuditRecord: _TypeAlias = AuditRecord  # noqa: Y015
+
+@_typing.final
+class WriteAuditRecordRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPERATION_FIELD_NUMBER: _builtins.int
+    RESOURCE_FIELD_NUMBER: _builtins.int
+    ITEM_COUNT_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    ON_BEHALF_OF_FIELD_NUMBER: _builtins.int
+    operation: _builtins.str
+    """Required. The workers' operation: "ExpireAnalyzeResults", "PurgeResourceObjects", or the
+    name of a keybroker.v1.Storage RPC (for a refused call). Other values: INVALID_ARGUMENT.
+    """
+    resource: _builtins.str
+    """Optional. resources/{resource}: the resource the record is about."""
+    item_count: _builtins.int
+    """Optional. How many items the operation covered (not negative)."""
+    outcome: _builtins.str
+    """Optional. "OK" (the default when empty) or a gRPC status code name, e.g.
+    "PERMISSION_DENIED".
+    """
+    reason: _builtins.str
+    """Optional. The ErrorInfo reason of a failed outcome (upper-case letters, digits and
+    underscores, at most 64); only with an outcome other than "OK".
+    """
+    on_behalf_of: _builtins.str
+    """Optional. Whom the workers acted for or attribute the record to (the end caller of a
+    refused Storage call, or the background task); recorded, not trusted. At most 200
+    printable characters.
+    """
+    def __init__(
+        self,
+        *,
+        operation: _builtins.str = ...,
+        resource: _builtins.str = ...,
+        item_count: _builtins.int = ...,
+        outcome: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        on_behalf_of: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["item_count", b"item_count", "on_behalf_of", b"on_behalf_of", "operation", b"operation", "outcome", b"outcome", "reason", b"reason", "resource", b"resource"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WriteAuditRecordRequest: _TypeAlias = WriteAuditRecordRequest  # noqa: Y015
+
+@_typing.final
+class WriteAuditRecordResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WriteAuditRecordResponse: _TypeAlias = WriteAuditRecordResponse  # noqa: Y015

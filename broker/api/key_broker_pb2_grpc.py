@@ -140,6 +140,11 @@ class KeyBrokerStub:
                 request_serializer=keybroker_dot_v1_dot_key__broker__pb2.ListAuditRecordsRequest.SerializeToString,
                 response_deserializer=keybroker_dot_v1_dot_key__broker__pb2.ListAuditRecordsResponse.FromString,
                 _registered_method=True)
+        self.WriteAuditRecord = channel.unary_unary(
+                '/keybroker.v1.KeyBroker/WriteAuditRecord',
+                request_serializer=keybroker_dot_v1_dot_key__broker__pb2.WriteAuditRecordRequest.SerializeToString,
+                response_deserializer=keybroker_dot_v1_dot_key__broker__pb2.WriteAuditRecordResponse.FromString,
+                _registered_method=True)
 
 
 class KeyBrokerServicer:
@@ -294,6 +299,16 @@ class KeyBrokerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WriteAuditRecord(self, request, context):
+        """For the workers (admin): writes one record of theirs (a retention sweep, a refused Storage
+        call) into the broker's chained trail, so a workers process never holds the master key.
+        The record's caller is the authenticated caller of this RPC; the record IS the audit of
+        this call (no second record). Returns once the record is durable.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KeyBrokerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -401,6 +416,11 @@ def add_KeyBrokerServicer_to_server(servicer, server):
                     servicer.ListAuditRecords,
                     request_deserializer=keybroker_dot_v1_dot_key__broker__pb2.ListAuditRecordsRequest.FromString,
                     response_serializer=keybroker_dot_v1_dot_key__broker__pb2.ListAuditRecordsResponse.SerializeToString,
+            ),
+            'WriteAuditRecord': grpc.unary_unary_rpc_method_handler(
+                    servicer.WriteAuditRecord,
+                    request_deserializer=keybroker_dot_v1_dot_key__broker__pb2.WriteAuditRecordRequest.FromString,
+                    response_serializer=keybroker_dot_v1_dot_key__broker__pb2.WriteAuditRecordResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -971,6 +991,33 @@ class KeyBroker:
             '/keybroker.v1.KeyBroker/ListAuditRecords',
             keybroker_dot_v1_dot_key__broker__pb2.ListAuditRecordsRequest.SerializeToString,
             keybroker_dot_v1_dot_key__broker__pb2.ListAuditRecordsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WriteAuditRecord(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keybroker.v1.KeyBroker/WriteAuditRecord',
+            keybroker_dot_v1_dot_key__broker__pb2.WriteAuditRecordRequest.SerializeToString,
+            keybroker_dot_v1_dot_key__broker__pb2.WriteAuditRecordResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -91,6 +91,12 @@ class KeyBrokerStub:
     """For auditors: a resource's audit trail (its own records and its objects'), oldest first,
     paged. The call itself is audited as a read.
     """
+    WriteAuditRecord: _grpc.UnaryUnaryMultiCallable[_key_broker_pb2.WriteAuditRecordRequest, _key_broker_pb2.WriteAuditRecordResponse]
+    """For the workers (admin): writes one record of theirs (a retention sweep, a refused Storage
+    call) into the broker's chained trail, so a workers process never holds the master key.
+    The record's caller is the authenticated caller of this RPC; the record IS the audit of
+    this call (no second record). Returns once the record is durable.
+    """
 
 @_typing.type_check_only
 class KeyBrokerAsyncStub(KeyBrokerStub):
@@ -142,6 +148,12 @@ class KeyBrokerAsyncStub(KeyBrokerStub):
     ListAuditRecords: _aio.UnaryUnaryMultiCallable[_key_broker_pb2.ListAuditRecordsRequest, _key_broker_pb2.ListAuditRecordsResponse]  # type: ignore[assignment]
     """For auditors: a resource's audit trail (its own records and its objects'), oldest first,
     paged. The call itself is audited as a read.
+    """
+    WriteAuditRecord: _aio.UnaryUnaryMultiCallable[_key_broker_pb2.WriteAuditRecordRequest, _key_broker_pb2.WriteAuditRecordResponse]  # type: ignore[assignment]
+    """For the workers (admin): writes one record of theirs (a retention sweep, a refused Storage
+    call) into the broker's chained trail, so a workers process never holds the master key.
+    The record's caller is the authenticated caller of this RPC; the record IS the audit of
+    this call (no second record). Returns once the record is durable.
     """
 
 class KeyBrokerServicer(metaclass=_abc_1.ABCMeta):
@@ -317,6 +329,18 @@ class KeyBrokerServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_key_broker_pb2.ListAuditRecordsResponse, _abc.Awaitable[_key_broker_pb2.ListAuditRecordsResponse]]:
         """For auditors: a resource's audit trail (its own records and its objects'), oldest first,
         paged. The call itself is audited as a read.
+        """
+
+    @_abc_1.abstractmethod
+    def WriteAuditRecord(
+        self,
+        request: _key_broker_pb2.WriteAuditRecordRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_key_broker_pb2.WriteAuditRecordResponse, _abc.Awaitable[_key_broker_pb2.WriteAuditRecordResponse]]:
+        """For the workers (admin): writes one record of theirs (a retention sweep, a refused Storage
+        call) into the broker's chained trail, so a workers process never holds the master key.
+        The record's caller is the authenticated caller of this RPC; the record IS the audit of
+        this call (no second record). Returns once the record is durable.
         """
 
 def add_KeyBrokerServicer_to_server(servicer: KeyBrokerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
