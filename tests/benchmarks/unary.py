@@ -143,6 +143,11 @@ async def run(seconds: float, concurrencies: list[int], handler_calls: int) -> d
                 cases: list[tuple[str, int, Callable[[], Awaitable[Any]]]] = [
                     ("echo (gRPC baseline)", echo.pid, lambda: estub.DecryptDataKey(decrypt_req)),
                     (
+                        "echo+wait (1 ms group)",
+                        echo.pid,
+                        lambda: estub.GenerateDataKey(generate_req),
+                    ),
+                    (
                         "DecryptDataKey (warm)",
                         broker.pid,
                         lambda: bstub.DecryptDataKey(decrypt_req),
@@ -190,6 +195,10 @@ def ratios(results: list[Figures]) -> dict[str, float]:
         out[f"{case}@{conc} extra server CPU us/call"] = (
             r.server_cpu_us_per_call - base.server_cpu_us_per_call
         )
+        waiting = by.get(("echo+wait", conc))
+        if waiting is not None and case == "DecryptDataKey":
+            # What is left once gRPC's price for one suspension per call is set aside.
+            out[f"{case}@{conc} calls/s vs echo+wait"] = r.calls_per_s / waiting.calls_per_s
     return out
 
 
