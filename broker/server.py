@@ -76,7 +76,11 @@ async def build_broker(
     """Builds the broker over a migrated database (checks the master key against it)."""
     sessions = session_factory(engine)
     master = await open_master_key(settings, sessions)
-    audit = AuditLog(engine, max_pending=settings.audit_max_pending)
+    audit = AuditLog(
+        engine,
+        max_pending=settings.audit_max_pending,
+        commit_delay=settings.audit_commit_delay.total_seconds(),
+    )
     audit_key = await open_audit_key(sessions, master, now())
     audit.use_key(audit_key, checkpoint_path(settings.data_dir, audit.writer))
     cache: KeyCache[tuple[str, str, int], UsableKey] = KeyCache(

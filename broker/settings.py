@@ -44,6 +44,9 @@ class Settings:
     janitor_interval: timedelta = timedelta(minutes=1)
     shutdown_grace: timedelta = timedelta(seconds=10)
     audit_max_pending: int = 10_000
+    # Longest a group commit of the audit trail waits under load for its group to fill
+    # (broker.audit); 0 commits at once.
+    audit_commit_delay: timedelta = timedelta(milliseconds=2)
     log_level: str = "INFO"
     # Customer-managed keys.
     # Resources created before this day cannot enable CMK (the seed's 2020-05-11).
