@@ -89,8 +89,10 @@ async def assert_absent(store: BlobStore, key: str) -> None:
         (b"", (1,)),
         (b"hello, blob", (3,)),
         (os.urandom(5 * MIB + 7), (1, 4093, 65537, 1_000_003, 3 * MIB)),
+        # Past the intermediate fdatasync (every 8 MiB) with a write in flight at each batch.
+        (os.urandom(19 * MIB + 3), (MIB, 2 * MIB + 1)),
     ],
-    ids=["empty", "small", "5MiB-odd-chunks"],
+    ids=["empty", "small", "5MiB-odd-chunks", "19MiB-with-syncs"],
 )
 async def test_round_trip(store: BlobStore, root: Path, data: bytes, sizes: tuple[int]) -> None:
     assert await store.write(KEY, stream(data, sizes)) == len(data)

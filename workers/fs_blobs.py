@@ -7,10 +7,16 @@ the blob's own directory while holding an exclusive flock on it, fsyncs the file
 kernel drops its lock, and `remove_stale_temporaries` takes unlocked temporaries away.
 
 All file I/O runs in worker threads: writes in batches of about 1 MiB, reads one chunk per hop.
+A write overlaps with receiving: each batch is written (and every _SYNC_EVERY bytes flushed to
+disk with fdatasync) in a thread while the next batch is being gathered and encrypted, one batch
+in flight at most. Without the intermediate flushes nearly the whole object reached the disk only
+at the final fsync, after the last byte was received: at the disk's ~0.9 GB/s here that alone
+cost about as long as receiving and encrypting a 256 MiB model.
 """
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import os
 import secrets
@@ -26,6 +32,7 @@ from workers.blobs import DEFAULT_READ_CHUNK, BlobNotFound, BlobStore, check_key
 
 _TEMP_PREFIX = ".tmp-"
 _WRITE_BATCH = 1 << 20
+_SYNC_EVERY = 8 << 20
 _FILE_MODE = 0o600
 _DIR_MODE = 0o700
 _CREATE_ATTEMPTS = 8
@@ -49,15 +56,26 @@ class _FilesystemBlobStore:
         # Shielded: a cancellation must not lose the descriptor on its way back from the thread.
         with anyio.CancelScope(shield=True):
             fd, temp = await to_thread.run_sync(self._open_temporary, path)
+        loop = asyncio.get_running_loop()
+        # The batch being written (in the default executor) while the next one gathers.
+        in_flight: asyncio.Future[None] | None = None
         try:
-            total = 0
+            total = unsynced = 0
             batch = bytearray()
             async for chunk in chunks:
                 batch += chunk
                 if len(batch) >= _WRITE_BATCH:
-                    await to_thread.run_sync(_write_all, fd, batch)
+                    if in_flight is not None:
+                        await in_flight
                     total += len(batch)
+                    unsynced += len(batch)
+                    sync = unsynced >= _SYNC_EVERY
+                    unsynced = 0 if sync else unsynced
+                    in_flight = loop.run_in_executor(None, _write_batch, fd, bytes(batch), sync)
                     batch.clear()
+            if in_flight is not None:
+                await in_flight
+            in_flight = None
             total += len(batch)
             await to_thread.run_sync(_write_and_sync, fd, batch)
             # Once the data is durable, publishing is quick and must not be left half done.
@@ -66,6 +84,11 @@ class _FilesystemBlobStore:
             return total
         except BaseException:
             with anyio.CancelScope(shield=True):
+                if in_flight is not None:
+                    # The thread may still be writing to fd: let it finish before the file goes.
+                    await asyncio.wait([in_flight])
+                    if not in_flight.cancelled():
+                        in_flight.exception()  # retrieved: the error being raised comes first
                 await to_thread.run_sync(self._discard, temp)
             raise
         finally:
@@ -189,11 +212,17 @@ class _FilesystemBlobStore:
         return removed
 
 
-def _write_all(fd: int, data: bytearray) -> None:
+def _write_all(fd: int, data: bytes | bytearray) -> None:
     with memoryview(data) as view:
         written = 0
         while written < len(view):
             written += os.write(fd, view[written:])
+
+
+def _write_batch(fd: int, data: bytes, sync: bool) -> None:
+    _write_all(fd, data)
+    if sync:
+        os.fdatasync(fd)
 
 
 def _write_and_sync(fd: int, data: bytearray) -> None:
