@@ -19,23 +19,10 @@ from typing import Any, Protocol
 import asyncpg
 from sqlalchemy.engine import URL
 
-COLUMNS = (
-    "time",
-    "writer",
-    "request_id",
-    "caller",
-    "on_behalf_of",
-    "operation",
-    "resource",
-    "item_count",
-    "failed_count",
-    "key_ids",
-    "outcome",
-    "reason",
-    "chain_seq",
-    "chain_mac",
-    "audit_key_id",
-)
+from broker.audit_chain import CONTENT_COLUMNS
+
+COLUMNS = (*CONTENT_COLUMNS, "chain_seq", "chain_mac", "audit_key_id")
+"""What a record stores: the content the MAC covers (broker.audit_chain), then its chain fields."""
 AuditTuple = tuple[Any, ...]
 """One record: values in COLUMNS order, `time` an aware UTC datetime."""
 

@@ -44,6 +44,7 @@ import grpc
 from broker.audit import AuditEvent
 from broker.errors import KeybrokerError
 from broker.identity import call_identity, caller
+from broker.interceptors import WrappingInterceptor
 from broker.names import RESOURCE_ID_RE
 from broker.policy import ADMIN, AUDITOR, DATA_PLANE, Grant, Policy, load_policy
 from broker.settings import Settings
@@ -256,35 +257,21 @@ class _Gate:
         return error
 
 
-class AuthzInterceptor(grpc.aio.ServerInterceptor):
+class AuthzInterceptor(WrappingInterceptor):
     """Checks every call against `policy` (see the module docstring); `record` audits refusals."""
 
     def __init__(
         self, policy: Policy, record: Record, rules: Mapping[str, Rule] = METHOD_RULES
     ) -> None:
+        super().__init__()
         self._policy = policy
         self._record = record
         self._rules = rules
-        self._wrapped: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
 
-    async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
-        ],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        method = handler_call_details.method
-        cached = self._wrapped.get(method)
-        if cached is not None:
-            return cached
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler  # no such method: UNIMPLEMENTED, and no handler runs
-        gate = _Gate(method, self._rules.get(method), self._policy, self._record)
-        wrapped = _wrap(handler, gate)
-        self._wrapped[method] = wrapped
-        return wrapped
+    def wrap(
+        self, handler: grpc.RpcMethodHandler[Any, Any], method: str
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        return _wrap(handler, _Gate(method, self._rules.get(method), self._policy, self._record))
 
 
 def _wrap(handler: grpc.RpcMethodHandler[Any, Any], gate: _Gate) -> grpc.RpcMethodHandler[Any, Any]:

@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import grpc
 
 from broker.errors import KeybrokerError, ResourceExhausted
+from broker.interceptors import WrappingInterceptor
 
 MAX_NAME_LENGTH = 256
 """Longest resource or object name accepted, in characters."""
@@ -134,7 +135,7 @@ class StreamLimiter:
                 del self._open[key]
 
 
-class DeadlineInterceptor(grpc.aio.ServerInterceptor):
+class DeadlineInterceptor(WrappingInterceptor):
     """Bounds every call's run time (see the module docstring).
 
     Put it after broker.interceptors.ErrorInterceptor, which turns its DeadlineExceeded into a
@@ -152,25 +153,12 @@ class DeadlineInterceptor(grpc.aio.ServerInterceptor):
         self._unary = MAX_UNARY_SECONDS if unary is None else unary
         self._stream = MAX_STREAM_SECONDS if stream is None else stream
         self._watchdog = _Watchdog(period=min(WATCHDOG_PERIOD, self._unary, self._stream))
-        self._wrapped: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+        super().__init__()
 
-    async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
-        ],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        method = handler_call_details.method
-        cached = self._wrapped.get(method)
-        if cached is not None:
-            return cached
-        handler = await continuation(handler_call_details)
-        if handler is None or not method.startswith(BOUNDED_PREFIX):
-            return handler
-        wrapped = self._wrap(handler)
-        self._wrapped[method] = wrapped
-        return wrapped
+    def wrap(
+        self, handler: grpc.RpcMethodHandler[Any, Any], method: str
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        return self._wrap(handler) if method.startswith(BOUNDED_PREFIX) else handler
 
     def _wrap(self, handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
         serializers = {
