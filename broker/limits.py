@@ -14,9 +14,10 @@ with a crash or an allocation the caller controls:
 - open Storage streams (uploads and downloads) per caller: `MAX_STREAMS_PER_CALLER`
   (`StreamLimiter`), RESOURCE_EXHAUSTED reason TOO_MANY_STREAMS;
 - time: `DeadlineInterceptor` ends a unary call after `MAX_UNARY_SECONDS` and a streaming call
-  after `MAX_STREAM_SECONDS` when the caller set no deadline or a later one, with
-  DEADLINE_EXCEEDED reason SERVER_DEADLINE_EXCEEDED, to within WATCHDOG_PERIOD (a deadline the
-  caller set and that comes first is gRPC's own business).
+  after `MAX_STREAM_SECONDS` (the servers pass KEYBROKER_MAX_UNARY_DURATION and
+  KEYBROKER_MAX_STREAM_DURATION, which default to these) when the caller set no deadline or a
+  later one, with DEADLINE_EXCEEDED reason SERVER_DEADLINE_EXCEEDED, to within WATCHDOG_PERIOD
+  (a deadline the caller set and that comes first is gRPC's own business).
 """
 
 from __future__ import annotations

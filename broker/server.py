@@ -181,7 +181,10 @@ async def _serve(
         server = grpc.aio.server(
             interceptors=[
                 ErrorInterceptor(),
-                DeadlineInterceptor(),
+                DeadlineInterceptor(
+                    settings.max_unary_duration.total_seconds(),
+                    settings.max_stream_duration.total_seconds(),
+                ),
                 *authz_interceptors(settings, broker.audit.record),
             ],
             options=server_options(),

@@ -44,6 +44,10 @@ class Settings:
     janitor_interval: timedelta = timedelta(minutes=1)
     shutdown_grace: timedelta = timedelta(seconds=10)
     audit_max_pending: int = 10_000
+    # Longest a call runs when its caller set no earlier deadline (broker.limits): unary calls,
+    # and streams (uploads, downloads).
+    max_unary_duration: timedelta = timedelta(seconds=30)
+    max_stream_duration: timedelta = timedelta(hours=1)
     # Longest a group commit of the audit trail waits under load for its group to fill
     # (broker.audit); 0 commits at once.
     audit_commit_delay: timedelta = timedelta(milliseconds=2)

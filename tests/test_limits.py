@@ -9,6 +9,7 @@ import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,6 @@ import pytest_asyncio
 from google.protobuf.descriptor import FieldDescriptor
 from sqlalchemy import text
 
-from broker import limits
 from broker.api import key_broker_pb2 as pb
 from broker.api import storage_pb2 as spb
 from broker.errors import KeybrokerError
@@ -298,13 +298,13 @@ async def _until_open(kb: BrokerUnderTest, count: int) -> None:
 
 @pytest.mark.asyncio
 async def test_a_stream_without_deadline_is_bounded(
-    settings: Settings, monkeypatch: pytest.MonkeyPatch
+    settings: Settings,
 ) -> None:
     """An upload that stalls after its header, from a caller that set no deadline, ends with
     DEADLINE_EXCEEDED at the server's bound; its partial blob is removed; nothing stored changes.
-    (The bound is shortened here; the server reads it when it starts.)"""
-    monkeypatch.setattr(limits, "MAX_STREAM_SECONDS", 1.0)
-    async with running_broker(replace(settings, segment_size=4096), with_storage=True) as kb:
+    (The bound is shortened here: KEYBROKER_MAX_STREAM_DURATION.)"""
+    bounded = replace(settings, segment_size=4096, max_stream_duration=timedelta(seconds=1))
+    async with running_broker(bounded, with_storage=True) as kb:
         await kb.stub.CreateResource(pb.CreateResourceRequest(resource_id="r1"))
         before = await state_digest(kb.engine)
         gate = asyncio.Event()
@@ -327,13 +327,13 @@ async def test_a_stream_without_deadline_is_bounded(
 
 @pytest.mark.asyncio
 async def test_a_bounded_unary_call_still_finishes_its_transaction(
-    settings: Settings, monkeypatch: pytest.MonkeyPatch
+    settings: Settings,
 ) -> None:
     """With a bound far shorter than any call, every unary call answers DEADLINE_EXCEEDED, yet
     work that touches SQL runs detached: the state change and its audit record complete, and the
     database connections stay usable (no cancellation inside a driver call)."""
-    monkeypatch.setattr(limits, "MAX_UNARY_SECONDS", 1e-6)
-    async with running_broker(settings) as kb:
+    bounded = replace(settings, max_unary_duration=timedelta(microseconds=1))
+    async with running_broker(bounded) as kb:
         for resource_id in ("r1", "r2", "r3"):
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await kb.stub.CreateResource(pb.CreateResourceRequest(resource_id=resource_id))
@@ -357,13 +357,13 @@ async def test_a_bounded_unary_call_still_finishes_its_transaction(
 
 @pytest.mark.asyncio
 async def test_a_download_is_bounded_and_gives_its_stream_back(
-    settings: Settings, monkeypatch: pytest.MonkeyPatch
+    settings: Settings,
 ) -> None:
     """A download whose caller stops reading past the bound ends with DEADLINE_EXCEEDED once it
     reads again (the server does not cancel it inside gRPC's send, it stops at its next
     message), having sent only a prefix of the model; its stream slot is given back."""
-    monkeypatch.setattr(limits, "MAX_STREAM_SECONDS", 1.0)
-    async with running_broker(replace(settings, segment_size=4096), with_storage=True) as kb:
+    bounded = replace(settings, segment_size=4096, max_stream_duration=timedelta(seconds=1))
+    async with running_broker(bounded, with_storage=True) as kb:
         await kb.stub.CreateResource(pb.CreateResourceRequest(resource_id="r1"))
         data = os.urandom(8 << 20)  # far more than gRPC buffers for a caller that does not read
         parts = [upload_header(MODEL)] + [

@@ -159,7 +159,10 @@ async def serve_workers(
             server = grpc.aio.server(
                 interceptors=[
                     ErrorInterceptor(),
-                    DeadlineInterceptor(),
+                    DeadlineInterceptor(
+                        settings.max_unary_duration.total_seconds(),
+                        settings.max_stream_duration.total_seconds(),
+                    ),
                     *authz_interceptors(settings, partial(_record_denial, storage)),
                 ],
                 options=server_options(),
