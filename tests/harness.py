@@ -8,7 +8,7 @@ import socket
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
@@ -22,6 +22,7 @@ from grpc_status import rpc_status
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from broker import certs
 from broker.api import key_broker_pb2_grpc as pb_grpc
 from broker.api import storage_pb2_grpc as spb_grpc
 from broker.errors import ERROR_DOMAIN, ConfigurationError
@@ -193,3 +194,22 @@ async def audit_rows(engine: AsyncEngine) -> list[dict[str, Any]]:
     async with engine.connect() as conn:
         rows = (await conn.execute(text("SELECT * FROM audit_records ORDER BY id"))).mappings()
         return [dict(r) for r in rows]
+
+
+def client_credentials(pki: Path, client: str) -> grpc.ChannelCredentials:
+    """The credentials of `client`'s certificate in a `keybroker certs init` directory."""
+    return certs.channel_credentials(pki / "ca.pem", pki / f"{client}.pem", pki / f"{client}.key")
+
+
+def mtls_settings(settings: Settings, pki: Path, **overrides: Any) -> Settings:
+    """`settings` on mutual TLS with the files of `keybroker certs init` in `pki`: the server's
+    certificate, the workers' client certificate and its policy.toml; then `overrides`."""
+    values: dict[str, Any] = {
+        "tls_ca": str(pki / "ca.pem"),
+        "tls_cert": str(pki / "server.pem"),
+        "tls_key": str(pki / "server.key"),
+        "tls_client_cert": str(pki / "workers.pem"),
+        "tls_client_key": str(pki / "workers.key"),
+        "policy_file": str(pki / "policy.toml"),
+    }
+    return replace(settings, **(values | overrides))

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,8 @@ from tests.harness import (
     BrokerUnderTest,
     assert_error,
     audit_rows,
+    client_credentials,
+    mtls_settings,
     open_channel,
     refusal,
     running_broker,
@@ -60,15 +61,11 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory
 
 
-def creds(pki: Path, client: str) -> grpc.ChannelCredentials:
-    return certs.channel_credentials(pki / "ca.pem", pki / f"{client}.pem", pki / f"{client}.key")
-
-
 class Callers:
     """One channel per identity to one server."""
 
     def __init__(self, port: int, pki: Path) -> None:
-        self._channels = {c: open_channel(port, creds(pki, c)) for c in CLIENTS}
+        self._channels = {c: open_channel(port, client_credentials(pki, c)) for c in CLIENTS}
 
     def kb(self, client: str) -> Any:
         return pb_grpc.KeyBrokerStub(self._channels[client])
@@ -86,18 +83,15 @@ class Callers:
 
 @pytest_asyncio.fixture
 async def authz(settings: Settings, pki: Path) -> AsyncIterator[tuple[BrokerUnderTest, Callers]]:
-    tls = replace(
+    tls = mtls_settings(
         settings,
-        tls_ca=str(pki / "ca.pem"),
-        tls_cert=str(pki / "server.pem"),
-        tls_key=str(pki / "server.key"),
-        tls_client_cert=str(pki / "workers.pem"),
-        tls_client_key=str(pki / "workers.key"),
+        pki,
         policy_file=str(pki / "policy.json"),
         segment_size=4096,
         job_poll_interval=timedelta(hours=1),  # jobs stay pending: only their starting matters
     )
-    async with running_broker(tls, with_storage=True, credentials=creds(pki, "admin")) as b:
+    admin = client_credentials(pki, "admin")
+    async with running_broker(tls, with_storage=True, credentials=admin) as b:
         callers = Callers(b.running.port, pki)
         try:
             for r in ("r1", "r2"):
@@ -317,7 +311,7 @@ async def test_an_unmapped_method_is_denied(pki: Path) -> None:
     port = server.add_secure_port("127.0.0.1:0", credentials)
     await server.start()
     try:
-        async with open_channel(port, creds(pki, "root")) as channel:
+        async with open_channel(port, client_credentials(pki, "root")) as channel:
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await probe(channel, "Call")(b"hello", timeout=5)
             assert_error(err.value, grpc.StatusCode.PERMISSION_DENIED, "PERMISSION_DENIED")
@@ -374,11 +368,5 @@ async def test_a_bad_policy_file_stops_the_start(
 ) -> None:
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"identities": {"x": {"roles": ["superuser"]}}}))
-    tls = replace(
-        settings,
-        tls_ca=str(pki / "ca.pem"),
-        tls_cert=str(pki / "server.pem"),
-        tls_key=str(pki / "server.key"),
-        policy_file=str(bad),
-    )
-    assert "unknown role 'superuser'" in await refusal(tls)
+    message = await refusal(mtls_settings(settings, pki, policy_file=str(bad)))
+    assert "unknown role 'superuser'" in message

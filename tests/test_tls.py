@@ -32,6 +32,8 @@ from broker.settings import Settings
 from tests.harness import (
     BrokerUnderTest,
     audit_rows,
+    client_credentials,
+    mtls_settings,
     open_channel,
     refusal,
     run_keybroker,
@@ -58,29 +60,18 @@ def other_pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory
 
 
-def creds(pki: Path, client: str) -> grpc.ChannelCredentials:
-    return certs.channel_credentials(pki / "ca.pem", pki / f"{client}.pem", pki / f"{client}.key")
-
-
 def tls_settings(settings: Settings, pki: Path, **overrides: Any) -> Settings:
-    values: dict[str, Any] = {
-        "tls_ca": str(pki / "ca.pem"),
-        "tls_cert": str(pki / "server.pem"),
-        "tls_key": str(pki / "server.key"),
-        "tls_client_cert": str(pki / "workers.pem"),
-        "tls_client_key": str(pki / "workers.key"),
-        "policy_file": str(pki / "policy.toml"),
+    defaults: dict[str, Any] = {
         "segment_size": 4096,
         "job_poll_interval": timedelta(milliseconds=50),
     }
-    values.update(overrides)
-    return replace(settings, **values)
+    return mtls_settings(settings, pki, **(defaults | overrides))
 
 
 @pytest_asyncio.fixture
 async def tls_broker(settings: Settings, pki: Path) -> AsyncIterator[BrokerUnderTest]:
     async with running_broker(
-        tls_settings(settings, pki), with_storage=True, credentials=creds(pki, "admin")
+        tls_settings(settings, pki), with_storage=True, credentials=client_credentials(pki, "admin")
     ) as b:
         yield b
 
@@ -124,7 +115,8 @@ async def test_a_certificate_from_another_ca_is_refused(
             )
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     # And a client that trusts another CA does not accept the broker's server certificate.
-    async with open_channel(tls_broker.running.port, creds(other_pki, "admin")) as channel:
+    stranger = client_credentials(other_pki, "admin")
+    async with open_channel(tls_broker.running.port, stranger) as channel:
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await pb_grpc.KeyBrokerStub(channel).GetStatus(pb.GetStatusRequest(), timeout=5)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -136,7 +128,7 @@ async def test_the_audited_identity_is_the_certificates_san_uri(
     tls_broker: BrokerUnderTest, pki: Path
 ) -> None:
     await tls_broker.stub.CreateResource(pb.CreateResourceRequest(resource_id="r1"))
-    async with open_channel(tls_broker.running.port, creds(pki, "app")) as channel:
+    async with open_channel(tls_broker.running.port, client_credentials(pki, "app")) as channel:
         await pb_grpc.KeyBrokerStub(channel).GenerateDataKey(
             pb.GenerateDataKeyRequest(name="resources/r1/models/m1")
         )
@@ -171,7 +163,7 @@ async def test_storage_in_the_broker_process_calls_the_broker_over_mtls(
 ) -> None:
     await tls_broker.stub.CreateResource(pb.CreateResourceRequest(resource_id="r1"))
     data = bytes(range(256)) * 40
-    async with open_channel(tls_broker.running.port, creds(pki, "app")) as channel:
+    async with open_channel(tls_broker.running.port, client_credentials(pki, "app")) as channel:
         assert await round_trip(spb_grpc.StorageStub(channel), "resources/r1/models/m1", data) == (
             data
         )
@@ -202,7 +194,7 @@ async def test_a_workers_process_reaches_the_broker_over_mtls(
     try:
         workers = started.result()
         data = b"model bytes " * 500
-        async with open_channel(workers.port, creds(pki, "app")) as channel:
+        async with open_channel(workers.port, client_credentials(pki, "app")) as channel:
             storage = spb_grpc.StorageStub(channel)
             assert await round_trip(storage, "resources/r1/models/m2", data) == data
         async with open_channel(workers.port) as plain:
@@ -238,7 +230,7 @@ async def test_refusals_at_start(settings: Settings, pki: Path) -> None:
 @pytest.mark.asyncio
 async def test_explicit_allow_all_lets_every_certificate_in(settings: Settings, pki: Path) -> None:
     open_settings = tls_settings(settings, pki, policy_file="", authz_allow_all=True)
-    async with running_broker(open_settings, credentials=creds(pki, "auditor")) as b:
+    async with running_broker(open_settings, credentials=client_credentials(pki, "auditor")) as b:
         await b.stub.CreateResource(pb.CreateResourceRequest(resource_id="r9"))
         rows = await audit_rows(b.engine)
         assert rows[-1]["caller"] == certs.spiffe_id("auditor")

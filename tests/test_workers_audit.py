@@ -35,6 +35,8 @@ from tests.harness import (
     Clock,
     assert_error,
     audit_rows,
+    client_credentials,
+    mtls_settings,
     open_channel,
     running_broker,
     state_digest,
@@ -54,19 +56,10 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory
 
 
-def creds(pki: Path, client: str) -> grpc.ChannelCredentials:
-    return certs.channel_credentials(pki / "ca.pem", pki / f"{client}.pem", pki / f"{client}.key")
-
-
 def tls_settings(settings: Settings, pki: Path) -> Settings:
-    return replace(
+    return mtls_settings(
         settings,
-        tls_ca=str(pki / "ca.pem"),
-        tls_cert=str(pki / "server.pem"),
-        tls_key=str(pki / "server.key"),
-        tls_client_cert=str(pki / "workers.pem"),
-        tls_client_key=str(pki / "workers.key"),
-        policy_file=str(pki / "policy.toml"),
+        pki,
         segment_size=4096,
         job_poll_interval=timedelta(milliseconds=50),
         # The background sweeper sweeps once at start (nothing expired yet), then waits: the
@@ -147,14 +140,14 @@ async def test_standalone_workers_records_are_chained_by_the_broker(
 ) -> None:
     tls = tls_settings(settings, pki)
     clock = Clock()
-    async with running_broker(tls, clock, credentials=creds(pki, "admin")) as b:
+    async with running_broker(tls, clock, credentials=client_credentials(pki, "admin")) as b:
         for r in ("r1", "r2"):
             await b.stub.CreateResource(pb.CreateResourceRequest(resource_id=r))
         workers_settings = replace(tls, broker_address=f"127.0.0.1:{b.running.port}")
         async with standalone_workers(workers_settings, clock) as workers:
             async with (
-                open_channel(workers.port, creds(pki, "app")) as app,
-                open_channel(workers.port, creds(pki, "auditor")) as auditor,
+                open_channel(workers.port, client_credentials(pki, "app")) as app,
+                open_channel(workers.port, client_credentials(pki, "auditor")) as auditor,
             ):
                 storage = spb_grpc.StorageStub(app)
                 await store_result(storage, "r1", "a1")
@@ -208,15 +201,15 @@ async def test_standalone_workers_records_are_chained_by_the_broker(
 async def test_write_audit_record_is_for_admins_only(settings: Settings, pki: Path) -> None:
     tls = tls_settings(settings, pki)
     request = pb.WriteAuditRecordRequest(operation="ExpireAnalyzeResults", item_count=3)
-    async with running_broker(tls, credentials=creds(pki, "admin")) as b:
+    async with running_broker(tls, credentials=client_credentials(pki, "admin")) as b:
         for client in ("app", "auditor"):
             before = await state_digest(b.engine)
-            async with open_channel(b.running.port, creds(pki, client)) as channel:
+            async with open_channel(b.running.port, client_credentials(pki, client)) as channel:
                 with pytest.raises(grpc.aio.AioRpcError) as err:
                     await pb_grpc.KeyBrokerStub(channel).WriteAuditRecord(request)
             assert_error(err.value, grpc.StatusCode.PERMISSION_DENIED, "PERMISSION_DENIED")
             assert await state_digest(b.engine) == before
-        async with open_channel(b.running.port, creds(pki, "workers")) as channel:
+        async with open_channel(b.running.port, client_credentials(pki, "workers")) as channel:
             await pb_grpc.KeyBrokerStub(channel).WriteAuditRecord(request)
         rows = await audit_rows(b.engine)
     denied = [r for r in rows if r["operation"] == "WriteAuditRecord"]
