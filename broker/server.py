@@ -9,7 +9,7 @@ finish (up to the shutdown grace), the audit queue is flushed, then it returns.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -26,7 +26,7 @@ from broker.api import key_broker_pb2 as pb
 from broker.api import key_broker_pb2_grpc as pb_grpc
 from broker.audit import AuditLog
 from broker.audit_chain import checkpoint_path, open_audit_key
-from broker.authz import authz_interceptors
+from broker.authz import Record, authz_interceptors
 from broker.cmk import CustomerKeys
 from broker.data_plane import DataKeys
 from broker.db import schema
@@ -124,6 +124,36 @@ async def build_broker(
     return Broker(engine, sessions, master, audit, keys, lifecycle, customer_keys, service)
 
 
+def new_grpc_server(settings: Settings, record_refusal: Record) -> grpc.aio.Server:
+    """A gRPC server as every keybroker process builds it: errors become statuses, calls are
+    bounded in time, callers are authorized when a policy is set (`record_refusal` audits
+    refusals), and messages are capped (broker.limits)."""
+    return grpc.aio.server(
+        interceptors=[
+            ErrorInterceptor(),
+            DeadlineInterceptor(
+                settings.max_unary_duration.total_seconds(),
+                settings.max_stream_duration.total_seconds(),
+            ),
+            *authz_interceptors(settings, record_refusal),
+        ],
+        options=server_options(),
+    )
+
+
+def add_health_and_reflection(
+    server: grpc.aio.Server, services: Sequence[str]
+) -> health.aio.HealthServicer:
+    """Adds grpc.health.v1 and reflection (of `services` and themselves) to `server`; returns
+    the health servicer, to be set SERVING once the server is."""
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (*services, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    return health_servicer
+
+
 @dataclass(frozen=True)
 class Running:
     """What `serve` reports once it listens."""
@@ -178,17 +208,7 @@ async def _serve(
             await schema.require_current(engine)
         broker = await build_broker(settings, engine, now, providers)
         credentials = certs.listen_credentials(settings)
-        server = grpc.aio.server(
-            interceptors=[
-                ErrorInterceptor(),
-                DeadlineInterceptor(
-                    settings.max_unary_duration.total_seconds(),
-                    settings.max_stream_duration.total_seconds(),
-                ),
-                *authz_interceptors(settings, broker.audit.record),
-            ],
-            options=server_options(),
-        )
+        server = new_grpc_server(settings, broker.audit.record)
         pb_grpc.add_KeyBrokerServicer_to_server(broker.service, server)
         services = [SERVICE_NAME]
         port = certs.add_port(server, settings.listen, credentials)
@@ -208,11 +228,7 @@ async def _serve(
             storage.audit = broker.audit
             add_to_server(storage.service, server)
             services.append(STORAGE_NAME)
-        health_servicer = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        reflection.enable_server_reflection(
-            (*services, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-        )
+        health_servicer = add_health_and_reflection(server, services)
         async with anyio.create_task_group() as tg:
             await tg.start(broker.audit.run)
             await server.start()

@@ -27,19 +27,16 @@ from functools import partial
 import anyio
 import grpc
 from anyio.abc import TaskStatus
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health_pb2
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from broker import certs
 from broker.api import storage_pb2 as spb
 from broker.audit import AuditEvent
-from broker.authz import authz_interceptors
 from broker.db import schema
 from broker.db.engine import create_engine, is_postgresql, session_factory
 from broker.errors import ConfigurationError
-from broker.interceptors import ErrorInterceptor
-from broker.limits import DeadlineInterceptor, server_options
+from broker.server import add_health_and_reflection, new_grpc_server
 from broker.settings import Settings
 from workers import retention
 from workers.audit_recorder import AuditRecorder, BrokerAuditRecorder
@@ -156,23 +153,9 @@ async def serve_workers(
         credentials = certs.listen_credentials(settings)
         async with certs.broker_channel(settings, settings.broker_address) as channel:
             storage = build_storage(settings, engine, channel, now)
-            server = grpc.aio.server(
-                interceptors=[
-                    ErrorInterceptor(),
-                    DeadlineInterceptor(
-                        settings.max_unary_duration.total_seconds(),
-                        settings.max_stream_duration.total_seconds(),
-                    ),
-                    *authz_interceptors(settings, partial(_record_denial, storage)),
-                ],
-                options=server_options(),
-            )
+            server = new_grpc_server(settings, partial(_record_denial, storage))
             add_to_server(storage.service, server)
-            health_servicer = health.aio.HealthServicer()
-            health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-            reflection.enable_server_reflection(
-                (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-            )
+            health_servicer = add_health_and_reflection(server, [SERVICE_NAME])
             port = certs.add_port(server, settings.listen, credentials)
             stopping = anyio.Event()
             async with anyio.create_task_group() as tg:
