@@ -44,7 +44,7 @@ import grpc
 from broker.audit import AuditEvent
 from broker.errors import KeybrokerError
 from broker.identity import call_identity, caller
-from broker.interceptors import WrappingInterceptor
+from broker.interceptors import WrappingInterceptor, rebuild
 from broker.names import RESOURCE_ID_RE
 from broker.policy import ADMIN, AUDITOR, DATA_PLANE, Grant, Policy, load_policy
 from broker.settings import Settings
@@ -271,61 +271,41 @@ class AuthzInterceptor(WrappingInterceptor):
     def wrap(
         self, handler: grpc.RpcMethodHandler[Any, Any], method: str
     ) -> grpc.RpcMethodHandler[Any, Any]:
-        return _wrap(handler, _Gate(method, self._rules.get(method), self._policy, self._record))
+        gate = _Gate(method, self._rules.get(method), self._policy, self._record)
+        return rebuild(
+            handler,
+            lambda inner, requests_stream: _gated_call(inner, gate, requests_stream),
+            lambda inner, requests_stream: _gated_stream(inner, gate, requests_stream),
+        )
 
 
-def _wrap(handler: grpc.RpcMethodHandler[Any, Any], gate: _Gate) -> grpc.RpcMethodHandler[Any, Any]:
-    # A PermissionDenied raised by a handler (a deferred check) is audited here, on its way out.
-    serializers = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
-    if handler.unary_unary is not None:
-        inner_uu: Any = handler.unary_unary
+# A PermissionDenied raised by a handler (a deferred check) is audited here, on its way out.
+# A stream of requests shows the gate nothing to check before the handler reads it (None).
 
-        async def unary_unary(request: Any, context: Context) -> Any:
-            await gate.admit(context, request)
-            try:
-                return await inner_uu(request, context)
-            except PermissionDenied as exc:
-                raise await gate.denied(context, exc, request) from None
 
-        return grpc.unary_unary_rpc_method_handler(unary_unary, **serializers)
-    if handler.unary_stream is not None:
-        inner_us: Any = handler.unary_stream
-
-        async def unary_stream(request: Any, context: Context) -> AsyncIterator[Any]:
-            await gate.admit(context, request)
-            try:
-                async for item in inner_us(request, context):
-                    yield item
-            except PermissionDenied as exc:
-                raise await gate.denied(context, exc, request) from None
-
-        return grpc.unary_stream_rpc_method_handler(unary_stream, **serializers)
-    if handler.stream_unary is not None:
-        inner_su: Any = handler.stream_unary
-
-        async def stream_unary(requests: Any, context: Context) -> Any:
-            await gate.admit(context, None)
-            try:
-                return await inner_su(requests, context)
-            except PermissionDenied as exc:
-                raise await gate.denied(context, exc, None) from None
-
-        return grpc.stream_unary_rpc_method_handler(stream_unary, **serializers)
-    inner_ss: Any = handler.stream_stream
-    assert inner_ss is not None
-
-    async def stream_stream(requests: Any, context: Context) -> AsyncIterator[Any]:
-        await gate.admit(context, None)
+def _gated_call(inner: Any, gate: _Gate, requests_stream: bool) -> Any:
+    async def call(request: Any, context: Context) -> Any:
+        seen = None if requests_stream else request
+        await gate.admit(context, seen)
         try:
-            async for item in inner_ss(requests, context):
+            return await inner(request, context)
+        except PermissionDenied as exc:
+            raise await gate.denied(context, exc, seen) from None
+
+    return call
+
+
+def _gated_stream(inner: Any, gate: _Gate, requests_stream: bool) -> Any:
+    async def stream(request: Any, context: Context) -> AsyncIterator[Any]:
+        seen = None if requests_stream else request
+        await gate.admit(context, seen)
+        try:
+            async for item in inner(request, context):
                 yield item
         except PermissionDenied as exc:
-            raise await gate.denied(context, exc, None) from None
+            raise await gate.denied(context, exc, seen) from None
 
-    return grpc.stream_stream_rpc_method_handler(stream_stream, **serializers)
+    return stream
 
 
 def authz_interceptors(settings: Settings, record: Record) -> list[grpc.aio.ServerInterceptor]:

@@ -78,73 +78,70 @@ class WrappingInterceptor(grpc.aio.ServerInterceptor):
         return wrapped
 
 
+def rebuild(
+    handler: grpc.RpcMethodHandler[Any, Any],
+    around_call: Callable[[Any, bool], Any],
+    around_stream: Callable[[Any, bool], Any],
+) -> grpc.RpcMethodHandler[Any, Any]:
+    """A handler of `handler`'s kind, with its serializers, whose body is
+    `around_call(inner, requests_stream)` when the method answers with one message and
+    `around_stream(inner, requests_stream)` when it answers with a stream; `inner` is the
+    original body and `requests_stream` says whether the request side is a stream.
+    (The stubs type bodies as sync callables; under grpc.aio they are coroutine functions or
+    async generator functions, hence Any.)"""
+    serializers = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_unary is not None:
+        body = around_call(handler.unary_unary, False)
+        return grpc.unary_unary_rpc_method_handler(body, **serializers)
+    if handler.stream_unary is not None:
+        body = around_call(handler.stream_unary, True)
+        return grpc.stream_unary_rpc_method_handler(body, **serializers)
+    if handler.unary_stream is not None:
+        body = around_stream(handler.unary_stream, False)
+        return grpc.unary_stream_rpc_method_handler(body, **serializers)
+    assert handler.stream_stream is not None
+    body = around_stream(handler.stream_stream, True)
+    return grpc.stream_stream_rpc_method_handler(body, **serializers)
+
+
 class ErrorInterceptor(WrappingInterceptor):
     """Translates exceptions raised by handlers (see the module docstring)."""
 
     def wrap(
         self, handler: grpc.RpcMethodHandler[Any, Any], method: str
     ) -> grpc.RpcMethodHandler[Any, Any]:
-        return _wrap(handler, method)
+        return rebuild(
+            handler,
+            lambda inner, _: _translating_call(inner, method),
+            lambda inner, _: _translating_stream(inner, method),
+        )
 
 
-def _wrap(handler: grpc.RpcMethodHandler[Any, Any], method: str) -> grpc.RpcMethodHandler[Any, Any]:
-    # The stubs type handlers as sync callables; under grpc.aio they are coroutines or async
-    # generators, hence Any below.
-    serializers = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
-    if handler.unary_unary is not None:
-        inner_uu: Any = handler.unary_unary
+def _translating_call(inner: Any, method: str) -> Any:
+    async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        try:
+            return await inner(request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:  # noqa: BLE001 -- the one place that must catch everything
+            await _abort(context, exc, method)
 
-        async def unary_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            try:
-                return await inner_uu(request, context)
-            except grpc.aio.AbortError:
-                raise
-            except Exception as exc:  # noqa: BLE001 -- the one place that must catch everything
-                await _abort(context, exc, method)
+    return call
 
-        return grpc.unary_unary_rpc_method_handler(unary_unary, **serializers)
-    if handler.unary_stream is not None:
-        inner_us: Any = handler.unary_stream
 
-        async def unary_stream(
-            request: Any, context: grpc.aio.ServicerContext[Any, Any]
-        ) -> AsyncIterator[Any]:
-            try:
-                async for item in inner_us(request, context):
-                    yield item
-            except grpc.aio.AbortError:
-                raise
-            except Exception as exc:  # noqa: BLE001 -- the one place that must catch everything
-                await _abort(context, exc, method)
-
-        return grpc.unary_stream_rpc_method_handler(unary_stream, **serializers)
-    if handler.stream_unary is not None:
-        inner_su: Any = handler.stream_unary
-
-        async def stream_unary(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            try:
-                return await inner_su(requests, context)
-            except grpc.aio.AbortError:
-                raise
-            except Exception as exc:  # noqa: BLE001 -- the one place that must catch everything
-                await _abort(context, exc, method)
-
-        return grpc.stream_unary_rpc_method_handler(stream_unary, **serializers)
-    inner_ss: Any = handler.stream_stream
-    assert inner_ss is not None
-
-    async def stream_stream(
-        requests: Any, context: grpc.aio.ServicerContext[Any, Any]
+def _translating_stream(inner: Any, method: str) -> Any:
+    async def stream(
+        request: Any, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[Any]:
         try:
-            async for item in inner_ss(requests, context):
+            async for item in inner(request, context):
                 yield item
         except grpc.aio.AbortError:
             raise
         except Exception as exc:  # noqa: BLE001 -- the one place that must catch everything
             await _abort(context, exc, method)
 
-    return grpc.stream_stream_rpc_method_handler(stream_stream, **serializers)
+    return stream

@@ -30,7 +30,7 @@ from typing import Any
 import grpc
 
 from broker.errors import KeybrokerError, ResourceExhausted
-from broker.interceptors import WrappingInterceptor
+from broker.interceptors import WrappingInterceptor, rebuild
 
 MAX_NAME_LENGTH = 256
 """Longest resource or object name accepted, in characters."""
@@ -159,28 +159,15 @@ class DeadlineInterceptor(WrappingInterceptor):
     def wrap(
         self, handler: grpc.RpcMethodHandler[Any, Any], method: str
     ) -> grpc.RpcMethodHandler[Any, Any]:
-        return self._wrap(handler) if method.startswith(BOUNDED_PREFIX) else handler
-
-    def _wrap(self, handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
-        serializers = {
-            "request_deserializer": handler.request_deserializer,
-            "response_serializer": handler.response_serializer,
-        }
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                _bounded_call(handler.unary_unary, self._unary, self._watchdog), **serializers
-            )
-        if handler.stream_unary is not None:
-            return grpc.stream_unary_rpc_method_handler(
-                _bounded_call(handler.stream_unary, self._stream, self._watchdog), **serializers
-            )
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                _bounded_stream(handler.unary_stream, self._stream, self._watchdog), **serializers
-            )
-        assert handler.stream_stream is not None
-        return grpc.stream_stream_rpc_method_handler(
-            _bounded_stream(handler.stream_stream, self._stream, self._watchdog), **serializers
+        if not method.startswith(BOUNDED_PREFIX):
+            return handler
+        # An upload (a stream of requests, one reply) is bounded as a stream.
+        return rebuild(
+            handler,
+            lambda inner, requests_stream: _bounded_call(
+                inner, self._stream if requests_stream else self._unary, self._watchdog
+            ),
+            lambda inner, _: _bounded_stream(inner, self._stream, self._watchdog),
         )
 
 
