@@ -87,7 +87,8 @@ class ObjectStore:
         self.broker = broker
         self._segment_size = segment_size
         self._retention = retention
-        self._now = now
+        # The clock expiry is judged by (the retention sweep reads it too; tests move it).
+        self.now = now
         # Database work that must not be cut short by a cancelled RPC (broker.detached).
         self.detached = DetachedWork()
 
@@ -140,7 +141,7 @@ class ObjectStore:
         return await self.detached.run(self._commit_model(obj, stored))
 
     async def _commit_model(self, obj: ObjectName, stored: Stored) -> ModelRow:
-        now = self._now()
+        now = self.now()
         async with self._sessions.begin() as session:
             row = await session.get(ModelRow, obj.name, with_for_update=True)
             if row is None:
@@ -183,7 +184,7 @@ class ObjectStore:
     async def delete_model(self, name: str) -> None:
         """Destroys the data key now; the blob and the row go by job."""
         obj = model_name(name)
-        now = self._now()
+        now = self.now()
         async with self._sessions.begin() as session:
             row = await session.get(ModelRow, obj.name, with_for_update=True)
             if row is None or row.wrapped_data_key is None:
@@ -206,7 +207,7 @@ class ObjectStore:
         result_id = result_id or os.urandom(16).hex()
         obj = result_name(f"resources/{resource_id}/analyzeResults/{result_id}")
         await self.get_model(model_obj.name)
-        now = self._now()
+        now = self.now()
         row = AnalyzeOperationRow(
             name=obj.name,
             resource_id=resource_id,
@@ -232,7 +233,7 @@ class ObjectStore:
         obj = result_name(name)
         row = await session.get(AnalyzeOperationRow, obj.name, with_for_update=lock)
         # Expired results are gone for readers even before the sweeper runs.
-        if row is None or row.deleted or row.expire_time <= self._now():
+        if row is None or row.deleted or row.expire_time <= self.now():
             raise analyze_result_not_found()
         return row
 
@@ -250,7 +251,7 @@ class ObjectStore:
             raise InvalidArgument("INVALID_STATUS", "status must be RUNNING, FAILED or CANCELED")
         if len(error) > 1024:
             raise InvalidArgument("FIELD_TOO_LONG", "error_message is longer than 1024 characters")
-        now = self._now()
+        now = self.now()
         async with self._sessions.begin() as session:
             row = await self._live_operation(session, name, lock=True)
             if row.status not in allowed[status]:
@@ -277,7 +278,7 @@ class ObjectStore:
         return await self.detached.run(self._commit_result(obj, stored))
 
     async def _commit_result(self, obj: ObjectName, stored: Stored) -> AnalyzeOperationRow:
-        now = self._now()
+        now = self.now()
         refusal: KeybrokerError | None = None
         async with self._sessions.begin() as session:
             row = await session.get(AnalyzeOperationRow, obj.name, with_for_update=True)
@@ -307,7 +308,7 @@ class ObjectStore:
 
     async def delete_result(self, name: str) -> None:
         """The seed's Delete Analyze Result: the data key dies now, the blob and row by job."""
-        now = self._now()
+        now = self.now()
         async with self._sessions.begin() as session:
             row = await self._live_operation(session, name, lock=True)
             await self._shred(session, row, now)
@@ -328,7 +329,7 @@ class ObjectStore:
     async def shred_expired(self, limit: int) -> int:
         """Retention: shreds up to `limit` expired operations in one transaction; returns the
         count."""
-        now = self._now()
+        now = self.now()
         async with self._sessions.begin() as session:
             rows = list(
                 await session.scalars(
@@ -360,7 +361,7 @@ class ObjectStore:
     async def purge_resource(self, resource_id: str) -> int:
         """Shreds every object of a destroyed resource (data keys now, blobs by job); returns
         how many."""
-        now = self._now()
+        now = self.now()
         async with self._sessions.begin() as session:
             models = list(
                 await session.scalars(
@@ -399,7 +400,7 @@ class ObjectStore:
         from; the old blob goes by job. Returns False (and drops the copy) when it changed."""
         obj = parse_object(name)
         table = ModelRow if obj.purpose is Purpose.MODELS else AnalyzeOperationRow
-        now = self._now()
+        now = self.now()
         async with self._sessions.begin() as session:
             result = await session.execute(
                 update(table)

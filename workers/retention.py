@@ -68,8 +68,7 @@ async def sweep(
 ) -> SweepCounts:
     """Removes what an earlier sweep shredded but left, then shreds and removes every expired
     result batch by batch (see the module docstring), and clears writes killed mid-way."""
-    # The store's own clock: the one its readers judge expiry by (tests move it).
-    now = objects._now()
+    now = objects.now()  # the clock the store's readers judge expiry by
     removed = 0
     while True:
         leftovers = await _leftover_batch(sessions, now)
