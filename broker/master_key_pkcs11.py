@@ -43,10 +43,9 @@ from broker.master_key import MasterKey
 from broker.providers.pkcs11 import (
     _CIPHERTEXT_REFUSED,
     _DECRYPT_FAILED,
-    _NOT_PERMITTED,
     _PIN_REFUSED,
-    _STALE_SESSION,
-    PKCS11_LOCK,
+    TokenFault,
+    run_on_session,
 )
 from broker.settings import Settings
 
@@ -220,24 +219,21 @@ class TokenKeys:
     def run(self, op: Callable[[Session], _T]) -> _T:
         """Runs `op` on the session under PKCS11_LOCK, reopening a stale session once; token
         failures become MasterKeyUnavailable or MasterKeyTokenFailed."""
-        with PKCS11_LOCK:
-            for attempt in range(2):
-                session = self._open()
-                try:
-                    return op(session)
-                except _STALE_SESSION as exc:
-                    self._session = None
-                    if attempt:
-                        raise MasterKeyTokenFailed(
-                            f"the token lost its session ({type(exc).__name__})"
-                        ) from exc
-                except (p11.KeyHandleInvalid, p11.ObjectHandleInvalid) as exc:
-                    raise MasterKeyTokenFailed("the key object changed during the call") from exc
-                except p11.PKCS11Error as exc:
-                    if str(exc) == _NOT_PERMITTED:
-                        raise MasterKeyUnavailable("the key is switched off in the token") from exc
-                    raise MasterKeyTokenFailed(f"the token failed ({type(exc).__name__})") from exc
-            raise AssertionError("unreachable")
+
+        def fault(kind: TokenFault, exc: p11.PKCS11Error) -> Exception:
+            name = type(exc).__name__
+            if kind is TokenFault.STALE_SESSION:
+                return MasterKeyTokenFailed(f"the token lost its session ({name})")
+            if kind is TokenFault.KEY_HANDLE:
+                return MasterKeyTokenFailed("the key object changed during the call")
+            if kind is TokenFault.NOT_PERMITTED:
+                return MasterKeyUnavailable("the key is switched off in the token")
+            return MasterKeyTokenFailed(f"the token failed ({name})")
+
+        return run_on_session(self._open, self._forget_session, op, fault)
+
+    def _forget_session(self) -> None:
+        self._session = None
 
     def _open(self) -> Session:
         if self._session is not None:

@@ -8,6 +8,7 @@ or 4096 bits) under that label and id; a new version is a new CKA_ID under the s
 from __future__ import annotations
 
 import asyncio
+import enum
 import os
 import re
 import threading
@@ -90,6 +91,46 @@ _DECRYPT_FAILED: Final = (p11.GeneralError, p11.FunctionFailed)
 _CIPHERTEXT_REFUSED: Final = (p11.EncryptedDataInvalid, p11.EncryptedDataLenRange)
 
 _T = TypeVar("_T")
+_S = TypeVar("_S")
+
+
+class TokenFault(enum.Enum):
+    """How a PKCS#11 call failed, for `run_on_session`'s caller to turn into its own error."""
+
+    STALE_SESSION = "the session was lost twice in a row"
+    KEY_HANDLE = "the key object changed during the call"
+    KEY_REFUSED = "the token refused the key or the mechanism"
+    NOT_PERMITTED = "the key's function is switched off (CKR_KEY_FUNCTION_NOT_PERMITTED)"
+    FAILED = "any other token failure"
+
+
+def run_on_session(
+    open_session: Callable[[], _S],
+    forget_session: Callable[[], None],
+    op: Callable[[_S], _T],
+    fault: Callable[[TokenFault, p11.PKCS11Error], Exception],
+) -> _T:
+    """Runs `op` on the session `open_session` gives, under PKCS11_LOCK. A stale session is
+    forgotten and the call tried once more on a fresh one; any other PKCS#11 error, or a second
+    stale session, raises `fault(kind, exc)`: the caller's own error. Errors of `open_session`
+    and non-PKCS#11 errors of `op` pass through."""
+    with PKCS11_LOCK:
+        for attempt in range(2):
+            session = open_session()
+            try:
+                return op(session)
+            except _STALE_SESSION as exc:
+                forget_session()
+                if attempt:
+                    raise fault(TokenFault.STALE_SESSION, exc) from exc
+            except (p11.KeyHandleInvalid, p11.ObjectHandleInvalid) as exc:
+                raise fault(TokenFault.KEY_HANDLE, exc) from exc
+            except _KEY_REFUSED as exc:
+                raise fault(TokenFault.KEY_REFUSED, exc) from exc
+            except p11.PKCS11Error as exc:
+                off = str(exc) == _NOT_PERMITTED
+                raise fault(TokenFault.NOT_PERMITTED if off else TokenFault.FAILED, exc) from exc
+        raise AssertionError("unreachable")
 
 
 def pkcs11_provider(
@@ -189,30 +230,22 @@ class _Pkcs11Provider:
         return await loop.run_in_executor(self._executor, self._locked, token_label, op)
 
     def _locked(self, token_label: str, op: Callable[[_TokenState], _T]) -> _T:
-        with PKCS11_LOCK:
-            for attempt in range(2):
-                state = self._token(token_label)
-                try:
-                    return op(state)
-                except _STALE_SESSION as exc:
-                    self._tokens.pop(token_label, None)
-                    if attempt:
-                        raise ProviderUnavailable(
-                            f"PKCS#11 token {token_label!r} lost its session"
-                        ) from exc
-                except (p11.KeyHandleInvalid, p11.ObjectHandleInvalid) as exc:
-                    raise ProviderUnavailable("the key object changed during the call") from exc
-                except _KEY_REFUSED as exc:
-                    raise UnsupportedKey(
-                        f"the token refused the key or mechanism ({type(exc).__name__})"
-                    ) from exc
-                except p11.PKCS11Error as exc:
-                    if str(exc) == _NOT_PERMITTED:
-                        raise KeyUnavailable("the key version is disabled in the token") from exc
-                    raise ProviderUnavailable(
-                        f"PKCS#11 token {token_label!r} failed ({type(exc).__name__})"
-                    ) from exc
-            raise AssertionError("unreachable")
+        def fault(kind: TokenFault, exc: p11.PKCS11Error) -> Exception:
+            name = type(exc).__name__
+            if kind is TokenFault.STALE_SESSION:
+                return ProviderUnavailable(f"PKCS#11 token {token_label!r} lost its session")
+            if kind is TokenFault.KEY_HANDLE:
+                return ProviderUnavailable("the key object changed during the call")
+            if kind is TokenFault.KEY_REFUSED:
+                return UnsupportedKey(f"the token refused the key or mechanism ({name})")
+            if kind is TokenFault.NOT_PERMITTED:
+                return KeyUnavailable("the key version is disabled in the token")
+            return ProviderUnavailable(f"PKCS#11 token {token_label!r} failed ({name})")
+
+        def forget() -> None:
+            self._tokens.pop(token_label, None)
+
+        return run_on_session(lambda: self._token(token_label), forget, op, fault)
 
     def _token(self, token_label: str) -> _TokenState:
         state = self._tokens.get(token_label)
