@@ -71,8 +71,9 @@ class _FilesystemBlobStore:
                     unsynced += len(batch)
                     sync = unsynced >= _SYNC_EVERY
                     unsynced = 0 if sync else unsynced
-                    in_flight = loop.run_in_executor(None, _write_batch, fd, bytes(batch), sync)
-                    batch.clear()
+                    # Handed over whole (no copy): this side gathers into a fresh buffer.
+                    in_flight = loop.run_in_executor(None, _write_batch, fd, batch, sync)
+                    batch = bytearray()
             if in_flight is not None:
                 await in_flight
             in_flight = None
@@ -219,7 +220,7 @@ def _write_all(fd: int, data: bytes | bytearray) -> None:
             written += os.write(fd, view[written:])
 
 
-def _write_batch(fd: int, data: bytes, sync: bool) -> None:
+def _write_batch(fd: int, data: bytearray, sync: bool) -> None:
     _write_all(fd, data)
     if sync:
         os.fdatasync(fd)
