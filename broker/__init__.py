@@ -1,7 +1,8 @@
-"""The key plane: the KeyBroker service, its key hierarchy and root-key providers.
+"""The key plane: the KeyBroker service, its key hierarchy and root-key providers, and the
+`keybroker` command that composes it with the workers.
 
-Public surface: `broker.server` (build_broker, serve), `broker.cli.main` (the `keybroker`
-command), `broker.settings.Settings`, the generated API in `broker.api`, the error hierarchy in
-`broker.errors`, and the provider contract in `broker.providers`. The wrapped formats are
-documented where they are written: `broker.master_key`, `broker.sealing`, `broker.data_keys`.
+Layers are folders, and the arrows point down (checked by import-linter, pyproject.toml):
+cli (the composition root) -> service (KeyBroker and its server) -> lifecycle -> audit ->
+keys | rpc -> providers -> db -> core -> api. The wrapped formats are documented where they are
+written: `broker.keys.master_key`, `broker.keys.key_wrapping`, `broker.keys.data_key_format`.
 """

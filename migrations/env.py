@@ -11,8 +11,8 @@ from alembic import context
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import async_engine_from_config
 
-import workers.models  # noqa: F401 -- registers the workers' tables on the shared metadata
-from broker.db.models import Base
+import workers.tables  # noqa: F401 -- registers the workers' tables on the shared metadata
+from broker.db.tables import Base
 
 config = context.config
 target_metadata = Base.metadata

@@ -18,9 +18,9 @@ import asyncpg
 import pytest
 import pytest_asyncio
 
+from broker.core.settings import Settings
 from broker.db import schema
 from broker.db.engine import create_engine
-from broker.settings import Settings
 from tests import softhsm
 from tests.harness import BrokerUnderTest, Clock, running_broker
 from tests.pg_cluster import throwaway_cluster

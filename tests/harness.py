@@ -22,13 +22,15 @@ from grpc_status import rpc_status
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from broker import certs
 from broker.api import key_broker_pb2_grpc as pb_grpc
 from broker.api import storage_pb2_grpc as spb_grpc
-from broker.errors import ERROR_DOMAIN, ConfigurationError
-from broker.root_keys import ProviderRegistry
-from broker.server import Running, serve
-from broker.settings import Settings
+from broker.cli.up import RunningUp, serve_up
+from broker.core.errors import ERROR_DOMAIN, ConfigurationError
+from broker.core.settings import Settings
+from broker.providers.registry import ProviderRegistry
+from broker.rpc import tls
+from broker.service.server import Running, serve
+from workers.server import Storage
 
 STATE_TABLES = ("resources", "key_rings", "key_versions")
 KEYBROKER = Path(sys.executable).with_name("keybroker")
@@ -84,6 +86,12 @@ class BrokerUnderTest:
         """A Storage stub on the same channel (the server must run with_storage)."""
         return spb_grpc.StorageStub(self.channel)
 
+    @property
+    def workers(self) -> Storage:
+        """The workers attached to this broker (the server must run with_storage)."""
+        assert isinstance(self.running, RunningUp), "run the broker with_storage"
+        return self.running.storage
+
 
 async def refusal(settings: Settings) -> str:
     """Starts a broker that must refuse to start; returns its ConfigurationError's message."""
@@ -103,7 +111,8 @@ async def running_broker(
     with_storage: bool = False,
     credentials: grpc.ChannelCredentials | None = None,
 ) -> AsyncIterator[BrokerUnderTest]:
-    """Runs `serve` in a task of its own (its task group opens and closes there) until exit.
+    """Runs `serve` (with_storage: `serve_up`, the workers attached as under `keybroker up`) in a
+    task of its own (its task group opens and closes there) until exit.
     `credentials`: the test's channel uses TLS with them (for a broker with mutual TLS)."""
     clock = clock or Clock()
     stop = anyio.Event()
@@ -113,13 +122,12 @@ async def running_broker(
         async with anyio.create_task_group() as tg:
             running = await tg.start(
                 partial(
-                    serve,
+                    serve_up if with_storage else serve,
                     settings,
                     stop,
                     migrate=migrate,
                     now=clock.now,
                     providers=providers,
-                    with_storage=with_storage,
                 )
             )
             started.set_result(running)
@@ -198,7 +206,7 @@ async def audit_rows(engine: AsyncEngine) -> list[dict[str, Any]]:
 
 def client_credentials(pki: Path, client: str) -> grpc.ChannelCredentials:
     """The credentials of `client`'s certificate in a `keybroker certs init` directory."""
-    return certs.channel_credentials(pki / "ca.pem", pki / f"{client}.pem", pki / f"{client}.key")
+    return tls.channel_credentials(pki / "ca.pem", pki / f"{client}.pem", pki / f"{client}.key")
 
 
 def mtls_settings(settings: Settings, pki: Path, **overrides: Any) -> Settings:

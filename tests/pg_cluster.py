@@ -28,7 +28,7 @@ _START_ATTEMPTS = 3  # a free port can be taken between probing it and the serve
 _LOG_TAIL_LINES = 40
 
 
-def _bin_dir() -> Path:
+def postgres_bin_dir() -> Path:
     """The directory holding initdb and pg_ctl: PATH first, then Debian's versioned dirs."""
     initdb, pg_ctl = shutil.which("initdb"), shutil.which("pg_ctl")
     if initdb and pg_ctl and Path(initdb).parent == Path(pg_ctl).parent:
@@ -133,7 +133,7 @@ def throwaway_cluster() -> Iterator[str]:
     The cluster has the superuser ``postgres`` (trust auth, no password) and the ``postgres``
     database. It is stopped and its directory removed when the context exits.
     """
-    bin_dir = _bin_dir()
+    bin_dir = postgres_bin_dir()
     tmp = _make_tmpdir()
     data, log = tmp / "data", tmp / "log"
     started = False

@@ -31,7 +31,7 @@ from pkcs11.types import Session
 from pkcs11.util.ec import encode_named_curve_parameters
 from pkcs11.util.rsa import decode_rsa_private_key, decode_rsa_public_key
 
-from broker.providers.pkcs11 import PKCS11_LOCK
+from broker.providers.pkcs11_session import PKCS11_LOCK
 
 MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 # The test session's one token (tests/conftest.py: softhsm_token); tests use their own key labels.

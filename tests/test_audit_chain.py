@@ -23,13 +23,13 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from broker import audit_chain, audit_verify
 from broker.api import key_broker_pb2 as pb
-from broker.audit import AuditEvent
-from broker.audit_chain import GENESIS, AuditKey
+from broker.audit import chain, verify
+from broker.audit.chain import GENESIS, AuditKey
+from broker.core.audit_event import AuditEvent
+from broker.core.errors import ConfigurationError
+from broker.core.settings import Settings
 from broker.db.engine import create_engine
-from broker.errors import ConfigurationError
-from broker.settings import Settings
 from tests import softhsm
 from tests.harness import (
     BrokerUnderTest,
@@ -95,12 +95,12 @@ MAC_2 = "e464154924f5011d6f5a26b24440d5fe4a431cb18b4d0fcb885410983058e0f7"
 
 
 def test_record_mac_known_answers() -> None:
-    assert audit_chain.message(VECTOR_KEY.key_id, 1, GENESIS, VECTOR_1).hex() == MESSAGE_1
+    assert chain.message(VECTOR_KEY.key_id, 1, GENESIS, VECTOR_1).hex() == MESSAGE_1
     # The hot path's hand-built message is the length-prefixed encoding, field by field.
-    assert audit_chain.reference_message(VECTOR_KEY.key_id, 1, GENESIS, VECTOR_1).hex() == MESSAGE_1
+    assert chain.reference_message(VECTOR_KEY.key_id, 1, GENESIS, VECTOR_1).hex() == MESSAGE_1
     for seq, content in ((7, VECTOR_2), (2**63, VECTOR_1)):
         previous = os.urandom(32)
-        assert audit_chain.message("k", seq, previous, content) == audit_chain.reference_message(
+        assert chain.message("k", seq, previous, content) == chain.reference_message(
             "k", seq, previous, content
         )
     mac_1 = VECTOR_KEY.mac(1, GENESIS, VECTOR_1)
@@ -148,7 +148,7 @@ async def write_trail(settings: Settings) -> None:
 
 async def run_verify(settings: Settings) -> tuple[int, str]:
     out = io.StringIO()
-    code = await audit_verify.run(settings, out)
+    code = await verify.run(settings, out)
     return code, out.getvalue()
 
 
@@ -352,7 +352,7 @@ async def test_checkpoint_file_and_shutdown_log(
 ) -> None:
     caplog.set_level(logging.INFO, logger="broker.audit")
     await write_trail(settings)
-    files = list((settings.data_dir / audit_chain.CHECKPOINT_DIR).glob("*.json"))
+    files = list((settings.data_dir / chain.CHECKPOINT_DIR).glob("*.json"))
     assert len(files) == 1
     assert stat.S_IMODE(files[0].stat().st_mode) == 0o600
     body = json.loads(files[0].read_text())
@@ -367,9 +367,9 @@ async def test_heads_are_checkpointed_while_the_broker_runs(settings: Settings) 
     async with running_broker(settings) as b:
         await b.stub.CreateResource(pb.CreateResourceRequest(resource_id="r1"))
         await b.stub.GenerateDataKey(pb.GenerateDataKeyRequest(name="resources/r1/models/m"))
-        directory = settings.data_dir / audit_chain.CHECKPOINT_DIR
+        directory = settings.data_dir / chain.CHECKPOINT_DIR
         for _ in range(50):  # about once a second while heads move
-            heads, errors = audit_chain.read_checkpoints(settings.data_dir)
+            heads, errors = chain.read_checkpoints(settings.data_dir)
             if sorted(h.seq for h in heads) == [1, 1]:
                 break
             await asyncio.sleep(0.1)

@@ -10,7 +10,8 @@ from collections.abc import AsyncIterator
 import pytest
 import pytest_asyncio
 
-from broker.audit import AuditEvent, AuditLog
+from broker.audit.log import AuditLog
+from broker.core.audit_event import AuditEvent
 from broker.db.engine import create_engine
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy.engine import make_url
 
-from broker.audit_sinks import COLUMNS, AuditTuple, open_sink
+from broker.audit.sinks import COLUMNS, AuditTuple, open_sink
 
 
 def _rows(count: int) -> list[AuditTuple]:

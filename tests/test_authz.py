@@ -15,17 +15,18 @@ import pytest
 import pytest_asyncio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from broker import certs
 from broker.api import key_broker_pb2 as pb
 from broker.api import key_broker_pb2_grpc as pb_grpc
 from broker.api import storage_pb2 as spb
 from broker.api import storage_pb2_grpc as spb_grpc
-from broker.audit import AuditEvent
-from broker.authz import METHOD_RULES, AuthzInterceptor
-from broker.errors import ConfigurationError
-from broker.interceptors import ErrorInterceptor
-from broker.policy import ADMIN, AUDITOR, DATA_PLANE, load_policy, parse_policy
-from broker.settings import Settings
+from broker.cli import dev_certs
+from broker.core.audit_event import AuditEvent
+from broker.core.errors import ConfigurationError
+from broker.core.settings import Settings
+from broker.rpc import tls
+from broker.rpc.authz import METHOD_RULES, AuthzInterceptor
+from broker.rpc.interceptors import ErrorInterceptor
+from broker.rpc.policy import ADMIN, AUDITOR, DATA_PLANE, load_policy, parse_policy
 from tests.harness import (
     BrokerUnderTest,
     assert_error,
@@ -41,13 +42,13 @@ from tests.harness import (
 CLIENTS = ("admin", "workers", "app", "auditor", "stranger", "app-r1", "admin-r1", "root")
 POLICY = {
     "identities": {
-        certs.spiffe_id("admin"): {"roles": ["admin"]},
-        certs.spiffe_id("workers"): {"roles": ["admin", "data-plane"]},
-        certs.spiffe_id("app"): {"roles": ["data-plane"]},
-        certs.spiffe_id("auditor"): {"roles": ["auditor"]},
-        certs.spiffe_id("app-r1"): {"roles": ["data-plane"], "resources": ["r1"]},
-        certs.spiffe_id("admin-r1"): {"roles": ["admin"], "resources": ["resources/r1"]},
-        certs.spiffe_id("root"): {"roles": ["admin", "data-plane", "auditor"]},
+        dev_certs.spiffe_id("admin"): {"roles": ["admin"]},
+        dev_certs.spiffe_id("workers"): {"roles": ["admin", "data-plane"]},
+        dev_certs.spiffe_id("app"): {"roles": ["data-plane"]},
+        dev_certs.spiffe_id("auditor"): {"roles": ["auditor"]},
+        dev_certs.spiffe_id("app-r1"): {"roles": ["data-plane"], "resources": ["r1"]},
+        dev_certs.spiffe_id("admin-r1"): {"roles": ["admin"], "resources": ["resources/r1"]},
+        dev_certs.spiffe_id("root"): {"roles": ["admin", "data-plane", "auditor"]},
         # "stranger" holds a valid certificate but no grant.
     }
 }
@@ -56,7 +57,7 @@ POLICY = {
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("pki") / "certs"
-    certs.init_dev_certs(directory, CLIENTS)
+    dev_certs.init_dev_certs(directory, CLIENTS)
     (directory / "policy.json").write_text(json.dumps(POLICY))
     return directory
 
@@ -109,7 +110,7 @@ async def refused(
     soon as it is made, and the snapshots must come first.)"""
     before_state = await state_digest(b.engine)
     # The workers' background sweeps may call the broker meanwhile: count this caller's records.
-    me = certs.spiffe_id(caller)
+    me = dev_certs.spiffe_id(caller)
     before = [r for r in await audit_rows(b.engine) if r["caller"] == me]
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await method(request)
@@ -118,7 +119,7 @@ async def refused(
     rows = [r for r in await audit_rows(b.engine) if r["caller"] == me]
     assert len(rows) == len(before) + 1
     row = rows[-1]
-    assert (row["operation"], row["caller"]) == (operation, certs.spiffe_id(caller))
+    assert (row["operation"], row["caller"]) == (operation, dev_certs.spiffe_id(caller))
     assert (row["outcome"], row["reason"]) == ("PERMISSION_DENIED", reason)
     return row
 
@@ -307,7 +308,7 @@ async def test_an_unmapped_method_is_denied(pki: Path) -> None:
             ),
         )
     )
-    credentials = certs.server_credentials(pki / "ca.pem", pki / "server.pem", pki / "server.key")
+    credentials = tls.server_credentials(pki / "ca.pem", pki / "server.pem", pki / "server.key")
     port = server.add_secure_port("127.0.0.1:0", credentials)
     await server.start()
     try:
@@ -322,7 +323,7 @@ async def test_an_unmapped_method_is_denied(pki: Path) -> None:
         await server.stop(None)
     assert ran == []
     assert [(e.operation, e.caller, e.outcome) for e in records] == [
-        ("Call", certs.spiffe_id("root"), "PERMISSION_DENIED")
+        ("Call", dev_certs.spiffe_id("root"), "PERMISSION_DENIED")
     ]
 
 

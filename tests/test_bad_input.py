@@ -66,11 +66,11 @@ from hypothesis import strategies as st
 from sqlalchemy import inspect, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from broker import convert
 from broker.api import key_broker_pb2 as pb
 from broker.api import storage_pb2 as spb
-from broker.errors import ERROR_DOMAIN
-from broker.limits import MAX_ASSOCIATED_DATA_LENGTH, MAX_NAME_LENGTH, MAX_WRAPPED_KEY_LENGTH
+from broker.core.errors import ERROR_DOMAIN
+from broker.core.limits import MAX_ASSOCIATED_DATA_LENGTH, MAX_NAME_LENGTH, MAX_WRAPPED_KEY_LENGTH
+from broker.rpc import fields
 from tests.conftest import fresh_postgres, make_settings
 from tests.harness import BrokerUnderTest, error_info, running_broker
 from tests.rpcs import Rpc, all_methods, call
@@ -237,7 +237,7 @@ def _blob_dir_digest(root: Path) -> bytes:
 
 class _ErrorLog(logging.Handler):
     """Keeps the server's ERROR records: an unexpected exception in a handler is logged there
-    (broker.interceptors) whatever status the client ends up seeing."""
+    (broker.rpc.interceptors) whatever status the client ends up seeing."""
 
     def __init__(self, records: list[logging.LogRecord]) -> None:
         super().__init__(logging.ERROR)
@@ -401,11 +401,11 @@ def _string(field_name: str, rpc_name: str) -> st.SearchStrategy[str]:
         "key_name": ["k1", "k" * 300],
         "version": ["1", "01", "ff" * 40],
         "page_token": [
-            convert.encode_page_token("r", RESOURCE),
-            convert.encode_page_token("m", f"resources/{RESOURCE}/models/m0"),
-            convert.encode_page_token("v", "999999999999"),
-            convert.encode_page_token("v", "-1"),
-            convert.encode_page_token("x", "1"),
+            fields.encode_page_token("r", RESOURCE),
+            fields.encode_page_token("m", f"resources/{RESOURCE}/models/m0"),
+            fields.encode_page_token("v", "999999999999"),
+            fields.encode_page_token("v", "-1"),
+            fields.encode_page_token("x", "1"),
             "!!!!",
         ],
     }

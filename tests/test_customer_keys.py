@@ -20,9 +20,9 @@ import pytest_asyncio
 from sqlalchemy import text
 
 from broker.api import key_broker_pb2 as pb
-from broker.janitor import tick
+from broker.core.settings import Settings
+from broker.lifecycle.janitor import tick
 from broker.providers.dev_vault import FILE_NAME, DevVaultStore
-from broker.settings import Settings
 from tests import softhsm
 from tests.harness import BrokerUnderTest, assert_error, audit_rows, running_broker, state_digest
 

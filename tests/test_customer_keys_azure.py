@@ -17,10 +17,10 @@ import pytest
 import pytest_asyncio
 
 from broker.api import key_broker_pb2 as pb
+from broker.core.settings import Settings
 from broker.providers.azure_keyvault import azure_keyvault_provider
+from broker.providers.registry import registry_from_settings
 from broker.providers.retrying import ATTEMPTS
-from broker.root_keys import registry_from_settings
-from broker.settings import Settings
 from tests.azure_standin import KeyVaultStandIn, StaticTokenCredential
 from tests.harness import BrokerUnderTest, assert_error, running_broker, state_digest
 

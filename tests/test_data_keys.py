@@ -9,7 +9,7 @@ import pytest
 from google.protobuf.duration_pb2 import Duration
 
 from broker.api import key_broker_pb2 as pb
-from broker.data_keys import WRAPPED_SIZE
+from broker.keys.data_key_format import WRAPPED_SIZE
 from tests.harness import BrokerUnderTest, assert_error, audit_rows
 
 MODEL = "resources/r1/models/m1"
@@ -218,7 +218,7 @@ async def test_destroying_a_version_stops_its_keys_after_the_window(
 
     await broker.stub.DestroyResourceKeyVersion(pb.DestroyResourceKeyVersionRequest(name=v1))
     broker.clock.advance(timedelta(days=7, seconds=1))
-    from broker.janitor import tick
+    from broker.lifecycle.janitor import tick
 
     assert await tick(broker.running.broker.lifecycle) == (1, 0, 0)
     listed = await broker.stub.ListResourceKeyVersions(
@@ -265,7 +265,7 @@ async def test_zero_window_destroys_at_once(broker: BrokerUnderTest) -> None:
 
 @pytest.mark.asyncio
 async def test_rotation_by_age(broker: BrokerUnderTest) -> None:
-    from broker.janitor import tick
+    from broker.lifecycle.janitor import tick
 
     await create(broker)
     old = await generate(broker)

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESGCMSIV
 
-from broker import associated_data, data_keys, master_key, sealing
-from broker.errors import ConfigurationError, DecryptionFailed, InvalidArgument
-from broker.names import parse_object
+from broker.core.errors import ConfigurationError, DecryptionFailed, InvalidArgument
+from broker.core.names import parse_object
+from broker.keys import associated_data, data_key_format, key_wrapping, master_key
 
 
 def flipped(data: bytes, bit: int) -> bytes:
@@ -65,7 +65,9 @@ SEALED = bytes.fromhex(
 def test_sealed_key_known_answer() -> None:
     assert len(SEALED) == 1 + 12 + 32 + 16
     assert SEALED[0] == 0x01
-    assert sealing.unseal(AESGCM(SEAL_KEK), SEALED, SEAL_LABEL, SEAL_CONTEXT) == SEALED_PLAINTEXT
+    assert (
+        key_wrapping.unwrap(AESGCM(SEAL_KEK), SEALED, SEAL_LABEL, SEAL_CONTEXT) == SEALED_PLAINTEXT
+    )
 
 
 @pytest.mark.parametrize(
@@ -86,37 +88,39 @@ def test_sealed_key_known_answer() -> None:
 def test_sealed_key_refuses_other_label_or_context(
     label: bytes, context: tuple[bytes, ...]
 ) -> None:
-    with pytest.raises(sealing.UnsealError):
-        sealing.unseal(AESGCM(SEAL_KEK), SEALED, label, context)
+    with pytest.raises(key_wrapping.UnwrapError):
+        key_wrapping.unwrap(AESGCM(SEAL_KEK), SEALED, label, context)
 
 
 def test_sealed_key_refuses_other_kek() -> None:
     other = bytearray(SEAL_KEK)
     other[-1] ^= 1
-    with pytest.raises(sealing.UnsealError):
-        sealing.unseal(AESGCM(bytes(other)), SEALED, SEAL_LABEL, SEAL_CONTEXT)
+    with pytest.raises(key_wrapping.UnwrapError):
+        key_wrapping.unwrap(AESGCM(bytes(other)), SEALED, SEAL_LABEL, SEAL_CONTEXT)
 
 
 def test_sealed_key_refuses_every_flipped_bit() -> None:
     kek = AESGCM(SEAL_KEK)
     for bit in range(len(SEALED) * 8):
-        with pytest.raises(sealing.UnsealError):
-            sealing.unseal(kek, flipped(SEALED, bit), SEAL_LABEL, SEAL_CONTEXT)
+        with pytest.raises(key_wrapping.UnwrapError):
+            key_wrapping.unwrap(kek, flipped(SEALED, bit), SEAL_LABEL, SEAL_CONTEXT)
 
 
 @pytest.mark.parametrize("version", [0x00, 0x02, 0x81, 0xFF])
 def test_sealed_key_refuses_other_format_versions(version: int) -> None:
-    with pytest.raises(sealing.UnsealError):
-        sealing.unseal(AESGCM(SEAL_KEK), bytes([version]) + SEALED[1:], SEAL_LABEL, SEAL_CONTEXT)
+    with pytest.raises(key_wrapping.UnwrapError):
+        key_wrapping.unwrap(
+            AESGCM(SEAL_KEK), bytes([version]) + SEALED[1:], SEAL_LABEL, SEAL_CONTEXT
+        )
 
 
 def test_sealed_key_refuses_truncated_and_extended() -> None:
     kek = AESGCM(SEAL_KEK)
     for length in range(len(SEALED)):
-        with pytest.raises(sealing.UnsealError):
-            sealing.unseal(kek, SEALED[:length], SEAL_LABEL, SEAL_CONTEXT)
-    with pytest.raises(sealing.UnsealError):
-        sealing.unseal(kek, SEALED + b"\x00", SEAL_LABEL, SEAL_CONTEXT)
+        with pytest.raises(key_wrapping.UnwrapError):
+            key_wrapping.unwrap(kek, SEALED[:length], SEAL_LABEL, SEAL_CONTEXT)
+    with pytest.raises(key_wrapping.UnwrapError):
+        key_wrapping.unwrap(kek, SEALED + b"\x00", SEAL_LABEL, SEAL_CONTEXT)
 
 
 # -- wrapped data keys (version 1) -------------------------------------------------------------
@@ -133,18 +137,20 @@ WRAPPED = bytes.fromhex(
 
 
 def test_wrapped_data_key_layout() -> None:
-    assert len(WRAPPED) == 65 == data_keys.WRAPPED_SIZE
+    assert len(WRAPPED) == 65 == data_key_format.WRAPPED_SIZE
     assert WRAPPED[0] == 1
     assert struct.unpack(">I", WRAPPED[1:5]) == (KEY_VERSION,)
     assert WRAPPED[1:5] == bytes.fromhex("00000007")
-    parsed = data_keys.parse(WRAPPED)
+    parsed = data_key_format.parse(WRAPPED)
     assert parsed.version == KEY_VERSION
     assert parsed.raw == WRAPPED
 
 
 def test_wrapped_data_key_known_answer() -> None:
-    parsed = data_keys.parse(WRAPPED)
-    plaintext = data_keys.unwrap(AESGCMSIV(RESOURCE_KEY), parsed, parse_object(OBJECT), CALLER_AD)
+    parsed = data_key_format.parse(WRAPPED)
+    plaintext = data_key_format.unwrap(
+        AESGCMSIV(RESOURCE_KEY), parsed, parse_object(OBJECT), CALLER_AD
+    )
     assert plaintext == DATA_KEY
 
 
@@ -161,26 +167,26 @@ def test_wrapped_data_key_known_answer() -> None:
     ],
 )
 def test_wrapped_data_key_is_bound_to_name_and_associated_data(name: str, caller_ad: bytes) -> None:
-    parsed = data_keys.parse(WRAPPED)
+    parsed = data_key_format.parse(WRAPPED)
     with pytest.raises(DecryptionFailed):
-        data_keys.unwrap(AESGCMSIV(RESOURCE_KEY), parsed, parse_object(name), caller_ad)
+        data_key_format.unwrap(AESGCMSIV(RESOURCE_KEY), parsed, parse_object(name), caller_ad)
 
 
 @pytest.mark.parametrize("version", [1, 6, 8, 0x00010007, 0xFFFFFFFF])
 def test_wrapped_data_key_is_bound_to_its_version(version: int) -> None:
     retargeted = WRAPPED[:1] + struct.pack(">I", version) + WRAPPED[5:]
-    parsed = data_keys.parse(retargeted)
+    parsed = data_key_format.parse(retargeted)
     assert parsed.version == version
     with pytest.raises(DecryptionFailed):
-        data_keys.unwrap(AESGCMSIV(RESOURCE_KEY), parsed, parse_object(OBJECT), CALLER_AD)
+        data_key_format.unwrap(AESGCMSIV(RESOURCE_KEY), parsed, parse_object(OBJECT), CALLER_AD)
 
 
 def test_wrapped_data_key_refuses_other_resource_key() -> None:
     other = bytearray(RESOURCE_KEY)
     other[0] ^= 0x80
     with pytest.raises(DecryptionFailed):
-        data_keys.unwrap(
-            AESGCMSIV(bytes(other)), data_keys.parse(WRAPPED), parse_object(OBJECT), CALLER_AD
+        data_key_format.unwrap(
+            AESGCMSIV(bytes(other)), data_key_format.parse(WRAPPED), parse_object(OBJECT), CALLER_AD
         )
 
 
@@ -190,32 +196,32 @@ def test_wrapped_data_key_refuses_every_flipped_bit() -> None:
         damaged = flipped(WRAPPED, bit)
         if bit < 8:
             with pytest.raises(InvalidArgument) as err:
-                data_keys.parse(damaged)
+                data_key_format.parse(damaged)
             assert err.value.reason == "UNSUPPORTED_FORMAT_VERSION"
             continue
         with pytest.raises(DecryptionFailed):
-            data_keys.unwrap(aead, data_keys.parse(damaged), obj, CALLER_AD)
+            data_key_format.unwrap(aead, data_key_format.parse(damaged), obj, CALLER_AD)
 
 
 def test_wrapped_data_key_parse_errors() -> None:
     with pytest.raises(InvalidArgument) as err:
-        data_keys.parse(b"")
+        data_key_format.parse(b"")
     assert err.value.reason == "MISSING_FIELD"
     with pytest.raises(InvalidArgument) as err:
-        data_keys.parse(b"\x01" * 1025)
+        data_key_format.parse(b"\x01" * 1025)
     assert err.value.reason == "FIELD_TOO_LONG"
     for version in (0x00, 0x02, 0xFF):
         with pytest.raises(InvalidArgument) as err:
-            data_keys.parse(bytes([version]) + WRAPPED[1:])
+            data_key_format.parse(bytes([version]) + WRAPPED[1:])
         assert err.value.reason == "UNSUPPORTED_FORMAT_VERSION"
     for length in range(1, len(WRAPPED)):
         with pytest.raises(DecryptionFailed):
-            data_keys.parse(WRAPPED[:length])
+            data_key_format.parse(WRAPPED[:length])
     for extra in (WRAPPED + b"\x00", WRAPPED + WRAPPED, b"\x01" * 1024):
         with pytest.raises(DecryptionFailed):
-            data_keys.parse(extra)
+            data_key_format.parse(extra)
     with pytest.raises(DecryptionFailed):
-        data_keys.parse(WRAPPED[:1] + bytes(4) + WRAPPED[5:])
+        data_key_format.parse(WRAPPED[:1] + bytes(4) + WRAPPED[5:])
 
 
 # -- master key file ---------------------------------------------------------------------------
@@ -272,29 +278,29 @@ def test_seal_round_trip_with_fresh_randomness() -> None:
     kek = AESGCM(AESGCM.generate_key(bit_length=256))
     key = os.urandom(32)
     context = (b"resources/x", b"results", b"3")
-    a = sealing.seal(kek, key, b"resource-key", context)
-    b = sealing.seal(kek, key, b"resource-key", context)
+    a = key_wrapping.wrap(kek, key, b"resource-key", context)
+    b = key_wrapping.wrap(kek, key, b"resource-key", context)
     assert a != b
     assert len(a) == len(b) == 61
     assert key not in a
-    assert sealing.unseal(kek, a, b"resource-key", context) == key
-    assert sealing.unseal(kek, b, b"resource-key", context) == key
-    with pytest.raises(sealing.UnsealError):
-        sealing.unseal(kek, a, b"root-key", context)
+    assert key_wrapping.unwrap(kek, a, b"resource-key", context) == key
+    assert key_wrapping.unwrap(kek, b, b"resource-key", context) == key
+    with pytest.raises(key_wrapping.UnwrapError):
+        key_wrapping.unwrap(kek, a, b"root-key", context)
 
 
 def test_wrap_round_trip_with_fresh_randomness() -> None:
     aead = AESGCMSIV(AESGCMSIV.generate_key(bit_length=256))
-    key = os.urandom(data_keys.DATA_KEY_SIZE)
+    key = os.urandom(data_key_format.DATA_KEY_SIZE)
     obj = parse_object("resources/x/analyzeResults/op-1")
-    a = data_keys.wrap(aead, 12, obj, key, b"ad")
-    b = data_keys.wrap(aead, 12, obj, key, b"ad")
+    a = data_key_format.wrap(aead, 12, obj, key, b"ad")
+    b = data_key_format.wrap(aead, 12, obj, key, b"ad")
     assert a != b
-    assert len(a) == len(b) == data_keys.WRAPPED_SIZE
+    assert len(a) == len(b) == data_key_format.WRAPPED_SIZE
     assert key not in a
     for wrapped in (a, b):
-        parsed = data_keys.parse(wrapped)
+        parsed = data_key_format.parse(wrapped)
         assert parsed.version == 12
-        assert data_keys.unwrap(aead, parsed, obj, b"ad") == key
+        assert data_key_format.unwrap(aead, parsed, obj, b"ad") == key
     with pytest.raises(DecryptionFailed):
-        data_keys.unwrap(aead, data_keys.parse(a), obj, b"")
+        data_key_format.unwrap(aead, data_key_format.parse(a), obj, b"")

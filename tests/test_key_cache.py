@@ -1,4 +1,4 @@
-"""broker.key_cache.KeyCache with a fake clock, and one-load-per-key against a real broker."""
+"""broker.keys.key_cache.KeyCache with a fake clock, and one-load-per-key against a real broker."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from broker.api import key_broker_pb2 as pb
-from broker.key_cache import KeyCache
-from broker.keys import UsableKey
+from broker.keys.key_cache import KeyCache
+from broker.keys.key_store import UsableKey
 from tests.harness import BrokerUnderTest
 
 WAITERS = 64

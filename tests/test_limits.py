@@ -1,4 +1,4 @@
-"""Limits (broker.limits) through a real server: message size, batch size, name and
+"""Limits (broker.core.limits) through a real server: message size, batch size, name and
 associated-data lengths on every RPC, open Storage streams per caller, and the server's own
 bound on a call's run time. Each is refused with a precise status, and nothing stored changes."""
 
@@ -21,18 +21,17 @@ from sqlalchemy import text
 
 from broker.api import key_broker_pb2 as pb
 from broker.api import storage_pb2 as spb
-from broker.errors import KeybrokerError
-from broker.limits import (
+from broker.core.errors import KeybrokerError
+from broker.core.limits import (
     MAX_ASSOCIATED_DATA_LENGTH,
     MAX_BATCH_SIZE,
     MAX_MESSAGE_BYTES,
     MAX_NAME_LENGTH,
     MAX_STREAMS_PER_CALLER,
     MAX_WRAPPED_KEY_LENGTH,
-    StreamLimiter,
-    caller_key,
 )
-from broker.settings import Settings
+from broker.core.settings import Settings
+from broker.rpc.stream_limits import StreamLimiter, caller_key
 from tests.harness import BrokerUnderTest, assert_error, audit_rows, running_broker, state_digest
 from tests.rpcs import all_methods, call
 
@@ -285,7 +284,7 @@ async def _held_open(name: str, gate: asyncio.Event) -> AsyncIterator[spb.Upload
 
 
 async def _until_open(kb: BrokerUnderTest, count: int) -> None:
-    limiter: StreamLimiter = kb.running.storage.service._streams
+    limiter: StreamLimiter = kb.workers.service._streams
     for _ in range(400):
         if limiter.open_streams("ipv4:127.0.0.1:1") == count:
             return

@@ -16,12 +16,13 @@ from google.protobuf.duration_pb2 import Duration
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from broker import master_key
 from broker.api import key_broker_pb2 as pb
-from broker.audit import AuditEvent, AuditLog
+from broker.audit.log import AuditLog
+from broker.core.audit_event import AuditEvent
+from broker.core.settings import Settings
 from broker.db.engine import create_engine, session_factory
-from broker.master_keyring import rotate_master_key
-from broker.settings import Settings
+from broker.keys import master_key
+from broker.lifecycle.master_key_rotation import rotate_master_key
 from tests.harness import BrokerUnderTest, audit_rows, refusal, run_keybroker, running_broker
 
 Keys = list[tuple[str, bytes, bytes]]  # (object name, wrapped, plaintext)

@@ -17,9 +17,9 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from pkcs11 import Attribute, ObjectClass
 
-from broker import master_key_pkcs11
 from broker.api import key_broker_pb2 as pb
-from broker.settings import Settings
+from broker.core.settings import Settings
+from broker.keys import master_key_pkcs11
 from tests import softhsm
 from tests.harness import assert_error, audit_rows, refusal, running_broker
 from tests.test_master_key import (

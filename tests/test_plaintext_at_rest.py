@@ -27,9 +27,9 @@ from sqlalchemy import text
 
 from broker.api import key_broker_pb2 as pb
 from broker.api import storage_pb2 as spb
-from broker.settings import Settings
+from broker.core.settings import Settings
 from tests.harness import BrokerUnderTest, free_port, running_broker
-from tests.pg_cluster import _bin_dir
+from tests.pg_cluster import postgres_bin_dir
 from tests.test_process import start_up, wait_serving
 
 RESOURCE = "resources/pt"
@@ -183,8 +183,8 @@ async def push_everything(kb: BrokerUnderTest) -> dict[str, bytes]:
 
 def pg_dump_binary() -> Path:
     """pg_dump of the cluster's own version (beside its initdb, symlinks resolved)."""
-    found = _bin_dir().joinpath("initdb").resolve().with_name("pg_dump")
-    assert found.is_file(), f"no pg_dump beside {_bin_dir()}/initdb"
+    found = postgres_bin_dir().joinpath("initdb").resolve().with_name("pg_dump")
+    assert found.is_file(), f"no pg_dump beside {postgres_bin_dir()}/initdb"
     return found
 
 

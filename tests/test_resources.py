@@ -19,7 +19,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
 from broker.api import key_broker_pb2 as pb
-from broker.janitor import tick
+from broker.lifecycle.janitor import tick
 from tests.harness import BrokerUnderTest, assert_error, audit_rows
 
 MODEL = "resources/r1/models/m1"

@@ -17,7 +17,7 @@ from sqlalchemy import text
 
 from broker.api import key_broker_pb2 as pb
 from broker.api import storage_pb2 as spb
-from broker.settings import Settings
+from broker.core.settings import Settings
 from tests.harness import BrokerUnderTest, assert_error, running_broker
 from workers import retention
 
@@ -88,7 +88,7 @@ async def pending_jobs(kb: BrokerUnderTest) -> int:
 
 
 async def sweep(kb: BrokerUnderTest) -> retention.SweepCounts:
-    storage = kb.running.storage
+    storage = kb.workers
     return await retention.sweep(
         storage.objects, storage.objects.blobs, storage.context.sessions, storage.audit
     )
@@ -105,7 +105,7 @@ async def test_a_sweep_cut_off_after_shredding_is_finished_by_the_next(
     made = await results(kb, 3)
     kb.clock.advance(timedelta(hours=24, seconds=1))
     # Step 1 alone, as a sweep killed before step 2 leaves things.
-    shredded = await retention._shred_batch(kb.running.storage.context.sessions, kb.clock.now())
+    shredded = await retention.shred_batch(kb.workers.context.sessions, kb.clock.now())
     assert sorted(shredded) == sorted(made.items())
     assert await rows(kb) == {name: (True, False) for name in made}  # keys gone, rows kept
     assert all(blob(storage_settings, key).is_file() for key in made.values())

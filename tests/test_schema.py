@@ -16,10 +16,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 import migrations
 from broker.api import key_broker_pb2 as pb
+from broker.core.errors import ConfigurationError
+from broker.core.settings import Settings
 from broker.db import schema
 from broker.db.engine import create_engine
-from broker.errors import ConfigurationError
-from broker.settings import Settings
 from tests.conftest import fresh_postgres, make_settings
 from tests.harness import refusal, run_keybroker, running_broker, state_digest
 

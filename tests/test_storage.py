@@ -19,7 +19,7 @@ from sqlalchemy import text
 
 from broker.api import key_broker_pb2 as pb
 from broker.api import storage_pb2 as spb
-from broker.settings import Settings
+from broker.core.settings import Settings
 from tests.harness import BrokerUnderTest, assert_error, running_broker
 from workers.retention import sweep
 
@@ -251,7 +251,7 @@ async def test_analyze_results_expire_24_hours_after_completion(
     assert_error(err.value, grpc.StatusCode.NOT_FOUND, "ANALYZE_RESULT_NOT_FOUND")
     assert err.value.details() == "analyze result does not exist"
 
-    storage = kb.running.storage
+    storage = kb.workers
     counts = await sweep(
         storage.objects, storage.objects.blobs, storage.context.sessions, storage.audit
     )
@@ -404,7 +404,7 @@ async def test_objects_of_a_deleted_resource_are_unreadable_then_purged_when_des
         await download(kb, MODEL)
     assert_error(err.value, grpc.StatusCode.FAILED_PRECONDITION, "RESOURCE_DELETE_SCHEDULED")
 
-    storage = kb.running.storage
+    storage = kb.workers
     args = (storage.objects, storage.objects.blobs, storage.context.sessions, storage.audit)
     assert (await sweep(*args)).purged == 0  # not destroyed yet: nothing purged
     await kb.stub.UndeleteResource(pb.UndeleteResourceRequest(name="resources/r1"))

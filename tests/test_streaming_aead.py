@@ -31,14 +31,16 @@ from tink.proto import (  # type: ignore[import-untyped]
 )
 
 from workers.streaming_aead import (
+    DEFAULT_SEGMENT_SIZE,
     HEADER_SIZE,
     MAX_SEGMENT_SIZE,
     MIN_SEGMENT_SIZE,
+    NONCE_PREFIX_SIZE,
+    SALT_SIZE,
     TAG_SIZE,
     StreamAuthenticationError,
     StreamDecryptor,
     StreamEncryptor,
-    _StreamEncryptor,
     ciphertext_size,
     decrypt_stream,
     encrypt_stream,
@@ -207,7 +209,7 @@ def test_round_trip_chunked(size: int, chunking: str) -> None:
 
 def _same_salt_one_shot(header: bytes, data: bytes) -> bytes:
     salt, prefix = header[1:33], header[33:]
-    encryptor = _StreamEncryptor(KEY, AD, S, salt=salt, nonce_prefix=prefix)
+    encryptor = KnownAnswerEncryptor(KEY, AD, S, salt=salt, nonce_prefix=prefix)
     return encryptor.update(data) + encryptor.finalize()
 
 
@@ -446,7 +448,7 @@ def test_frozen_vector_opens() -> None:
 
 def test_frozen_vector_is_what_we_write() -> None:
     salt, prefix = FROZEN_CIPHERTEXT[1:33], FROZEN_CIPHERTEXT[33:40]
-    encryptor = _StreamEncryptor(
+    encryptor = KnownAnswerEncryptor(
         FROZEN_KEY, FROZEN_AD, FROZEN_SEGMENT, salt=salt, nonce_prefix=prefix
     )
     out = encryptor.header
@@ -636,7 +638,7 @@ def test_last_flag_stops_extension_and_truncation_at_a_boundary() -> None:
     salt, prefix = os.urandom(32), os.urandom(7)
     sealed = []
     for data in (short, MESSAGE):
-        encryptor = _StreamEncryptor(KEY, AD, S, salt=salt, nonce_prefix=prefix)
+        encryptor = KnownAnswerEncryptor(KEY, AD, S, salt=salt, nonce_prefix=prefix)
         sealed.append(encryptor.header + encryptor.update(data) + encryptor.finalize())
     short_header, short_segments = split_segments(sealed[0])
     header, segments = split_segments(sealed[1])
@@ -713,3 +715,21 @@ async def test_memory_is_bounded_by_a_few_segments() -> None:
     assert total == chunks * chunk_size
     assert received.digest() == sent.digest()
     assert peak < 8 * chunk_size, f"peak traced memory {peak / chunk_size:.1f} MiB"
+
+
+class KnownAnswerEncryptor(StreamEncryptor):
+    """Known-answer tests only: a fixed salt and nonce prefix. Reusing them for two messages
+    under one key reuses GCM nonces and destroys confidentiality and integrity."""
+
+    def __init__(
+        self,
+        key: bytes,
+        associated_data: bytes,
+        segment_size: int = DEFAULT_SEGMENT_SIZE,
+        *,
+        salt: bytes,
+        nonce_prefix: bytes,
+    ) -> None:
+        if len(salt) != SALT_SIZE or len(nonce_prefix) != NONCE_PREFIX_SIZE:
+            raise ValueError("bad salt or nonce prefix length")
+        self._start(key, associated_data, segment_size, salt, nonce_prefix)

@@ -25,8 +25,8 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from broker.api import key_broker_pb2 as pb
-from broker.errors import ERROR_DOMAIN
-from broker.limits import MAX_ASSOCIATED_DATA_LENGTH, MAX_BATCH_SIZE, MAX_WRAPPED_KEY_LENGTH
+from broker.core.errors import ERROR_DOMAIN
+from broker.core.limits import MAX_ASSOCIATED_DATA_LENGTH, MAX_BATCH_SIZE, MAX_WRAPPED_KEY_LENGTH
 from tests.harness import BrokerUnderTest, assert_error, audit_rows, state_digest
 
 FIXED_MESSAGE = "wrapped data key could not be decrypted"
@@ -742,7 +742,7 @@ async def test_time_does_not_matter_to_authentication(probe: Probe) -> None:
     damaged = flipped(key.wrapped_data_key, 8 * 40)
     await probe.fixed_error(MODEL, damaged)
     probe.broker.clock.advance(timedelta(days=91))
-    from broker.janitor import tick
+    from broker.lifecycle.janitor import tick
 
     assert await tick(probe.broker.running.broker.lifecycle) == (0, 0, 2)
     async with probe.unchanged():

@@ -1,4 +1,4 @@
-"""Mutual TLS on real servers (port 0) with certificates made by broker.certs: no certificate, or
+"""Mutual TLS on real servers (port 0) with certificates made by broker.rpc.tls: no certificate, or
 one from another CA, never reaches a handler; the identity in the audit trail is the SAN URI;
 the workers reach the broker over mTLS (in one process, and as a process of their own); the
 start-up refusals; and `keybroker certs init`."""
@@ -22,13 +22,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
-from broker import certs
 from broker.api import key_broker_pb2 as pb
 from broker.api import key_broker_pb2_grpc as pb_grpc
 from broker.api import storage_pb2 as spb
 from broker.api import storage_pb2_grpc as spb_grpc
-from broker.server import utc_now
-from broker.settings import Settings
+from broker.cli import dev_certs
+from broker.core.clock import utc_now
+from broker.core.settings import Settings
+from broker.rpc import tls
 from tests.harness import (
     BrokerUnderTest,
     audit_rows,
@@ -48,7 +49,7 @@ CLIENTS = ("admin", "workers", "app", "auditor")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A development CA, server and client certificates and policy, as `certs init` makes them."""
     directory = tmp_path_factory.mktemp("pki") / "certs"
-    certs.init_dev_certs(directory, CLIENTS)
+    dev_certs.init_dev_certs(directory, CLIENTS)
     return directory
 
 
@@ -56,7 +57,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def other_pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Another CA, with a client certificate of the same SAN URI as the real admin."""
     directory = tmp_path_factory.mktemp("other-pki") / "certs"
-    certs.init_dev_certs(directory, ("admin",))
+    dev_certs.init_dev_certs(directory, ("admin",))
     return directory
 
 
@@ -105,7 +106,7 @@ async def test_a_certificate_from_another_ca_is_refused(
 ) -> None:
     before = await audit_rows(tls_broker.engine)
     # Trusts the right server CA, but presents an admin certificate the broker's CA never issued.
-    forged = certs.channel_credentials(
+    forged = tls.channel_credentials(
         pki / "ca.pem", other_pki / "admin.pem", other_pki / "admin.key"
     )
     async with open_channel(tls_broker.running.port, forged) as channel:
@@ -134,8 +135,8 @@ async def test_the_audited_identity_is_the_certificates_san_uri(
         )
     rows = await audit_rows(tls_broker.engine)
     by_operation = {r["operation"]: r for r in rows}
-    assert by_operation["CreateResource"]["caller"] == certs.spiffe_id("admin")
-    assert by_operation["GenerateDataKey"]["caller"] == certs.spiffe_id("app")
+    assert by_operation["CreateResource"]["caller"] == dev_certs.spiffe_id("admin")
+    assert by_operation["GenerateDataKey"]["caller"] == dev_certs.spiffe_id("app")
     assert all(not r["caller"].startswith("ipv") for r in rows)
 
 
@@ -171,8 +172,8 @@ async def test_storage_in_the_broker_process_calls_the_broker_over_mtls(
     keys = [r for r in rows if r["operation"] in ("GenerateDataKey", "DecryptDataKey")]
     assert {r["operation"] for r in keys} == {"GenerateDataKey", "DecryptDataKey"}
     # The broker saw the workers' certificate; the end caller is the app's, as Storage saw it.
-    assert {r["caller"] for r in keys} == {certs.spiffe_id("workers")}
-    assert {r["on_behalf_of"] for r in keys} == {certs.spiffe_id("app")}
+    assert {r["caller"] for r in keys} == {dev_certs.spiffe_id("workers")}
+    assert {r["on_behalf_of"] for r in keys} == {dev_certs.spiffe_id("app")}
 
 
 @pytest.mark.asyncio
@@ -208,7 +209,7 @@ async def test_a_workers_process_reaches_the_broker_over_mtls(
         await task
     rows = await audit_rows(tls_broker.engine)
     generated = [r for r in rows if r["operation"] == "GenerateDataKey"]
-    assert [r["caller"] for r in generated] == [certs.spiffe_id("workers")]
+    assert [r["caller"] for r in generated] == [dev_certs.spiffe_id("workers")]
 
 
 @pytest.mark.asyncio
@@ -233,7 +234,7 @@ async def test_explicit_allow_all_lets_every_certificate_in(settings: Settings, 
     async with running_broker(open_settings, credentials=client_credentials(pki, "auditor")) as b:
         await b.stub.CreateResource(pb.CreateResourceRequest(resource_id="r9"))
         rows = await audit_rows(b.engine)
-        assert rows[-1]["caller"] == certs.spiffe_id("auditor")
+        assert rows[-1]["caller"] == dev_certs.spiffe_id("auditor")
         assert rows[-1]["outcome"] == "OK"
 
 

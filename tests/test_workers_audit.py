@@ -22,14 +22,15 @@ import grpc
 import pytest
 from google.protobuf.duration_pb2 import Duration
 
-from broker import audit_verify, certs
 from broker.api import key_broker_pb2 as pb
 from broker.api import key_broker_pb2_grpc as pb_grpc
 from broker.api import storage_pb2 as spb
 from broker.api import storage_pb2_grpc as spb_grpc
-from broker.identity import REQUEST_ID_KEY
-from broker.service import WORKER_OPERATIONS
-from broker.settings import Settings
+from broker.audit import verify
+from broker.cli import dev_certs
+from broker.core.identity import REQUEST_ID_KEY
+from broker.core.settings import Settings
+from broker.service.key_broker import WORKER_OPERATIONS
 from tests.harness import (
     BrokerUnderTest,
     Clock,
@@ -45,14 +46,14 @@ from workers import retention
 from workers.server import RunningWorkers, serve_workers
 
 CLIENTS = ("admin", "workers", "app", "auditor")
-SPIFFE_WORKERS = certs.spiffe_id("workers")
+SPIFFE_WORKERS = dev_certs.spiffe_id("workers")
 
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A development CA, certificates and policy (DEV_ROLES: workers hold admin + data-plane)."""
     directory = tmp_path_factory.mktemp("pki") / "certs"
-    certs.init_dev_certs(directory, CLIENTS)
+    dev_certs.init_dev_certs(directory, CLIENTS)
     return directory
 
 
@@ -124,7 +125,7 @@ async def store_result(storage: Any, resource: str, result_id: str) -> None:
 
 async def run_verify(settings: Settings) -> tuple[int, str]:
     out = io.StringIO()
-    code = await audit_verify.run(settings, out)
+    code = await verify.run(settings, out)
     return code, out.getvalue()
 
 
@@ -177,7 +178,7 @@ async def test_standalone_workers_records_are_chained_by_the_broker(
     assert rows and all(r["chain_seq"] is not None and r["chain_mac"] for r in rows)
     refused = only(rows, operation="GetModel")
     assert refused["caller"] == SPIFFE_WORKERS
-    assert refused["on_behalf_of"] == certs.spiffe_id("auditor")
+    assert refused["on_behalf_of"] == dev_certs.spiffe_id("auditor")
     assert (refused["outcome"], refused["reason"]) == ("PERMISSION_DENIED", "PERMISSION_DENIED")
     assert refused["resource"] == "resources/r1"
     assert refused["request_id"] == "refused-call-1"
@@ -214,8 +215,8 @@ async def test_write_audit_record_is_for_admins_only(settings: Settings, pki: Pa
         rows = await audit_rows(b.engine)
     denied = [r for r in rows if r["operation"] == "WriteAuditRecord"]
     assert [(r["caller"], r["outcome"]) for r in denied] == [
-        (certs.spiffe_id("app"), "PERMISSION_DENIED"),
-        (certs.spiffe_id("auditor"), "PERMISSION_DENIED"),
+        (dev_certs.spiffe_id("app"), "PERMISSION_DENIED"),
+        (dev_certs.spiffe_id("auditor"), "PERMISSION_DENIED"),
     ]
     # Nothing of the refused requests was recorded as the workers' operation.
     written = only(rows, operation="ExpireAnalyzeResults")
@@ -310,7 +311,7 @@ async def test_keybroker_up_chains_the_sweepers_records_in_process(settings: Set
         await b.stub.CreateResource(pb.CreateResourceRequest(resource_id="r1"))
         await store_result(b.storage, "r1", "a1")
         clock.advance(timedelta(hours=24, seconds=1))
-        s = b.running.storage
+        s = b.workers
         counts = await retention.sweep(s.objects, s.objects.blobs, s.context.sessions, s.audit)
         assert counts.shredded == 1
         rows = await audit_rows(b.engine)

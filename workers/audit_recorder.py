@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from broker.audit import AuditEvent
+from broker.core.audit_event import AuditEvent
 from workers.broker_client import BrokerClient
 
 

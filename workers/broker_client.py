@@ -26,15 +26,15 @@ from grpc_status import rpc_status
 
 from broker.api import key_broker_pb2 as pb
 from broker.api import key_broker_pb2_grpc as pb_grpc
-from broker.audit import AuditEvent
-from broker.errors import (
+from broker.core.audit_event import AuditEvent
+from broker.core.errors import (
     FailedPrecondition,
     InvalidArgument,
     KeybrokerError,
     NotFound,
     Unavailable,
 )
-from broker.identity import ON_BEHALF_OF_KEY, REQUEST_ID_KEY
+from broker.core.identity import ON_BEHALF_OF_KEY, REQUEST_ID_KEY
 from workers.errors import StoredObjectCorrupt
 
 T = TypeVar("T")

@@ -1,10 +1,10 @@
-"""The workers' own errors (the rest come from broker.errors)."""
+"""The workers' own errors (the rest come from broker.core.errors)."""
 
 from __future__ import annotations
 
 import grpc
 
-from broker.errors import KeybrokerError, NotFound
+from broker.core.errors import KeybrokerError, NotFound
 
 ANALYZE_RESULT_NOT_FOUND = "analyze result does not exist"
 

@@ -12,11 +12,11 @@ from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from broker.api import key_broker_pb2 as pb
-from broker.names import Purpose, parse_object
+from broker.core.names import Purpose, parse_object
 from workers import jobs
 from workers.broker_client import BrokerClient
-from workers.models import AnalyzeOperationRow, JobRow, ModelRow
 from workers.objects import ObjectStore
+from workers.tables import AnalyzeOperationRow, JobRow, ModelRow
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from workers.models import JobRow
+from workers.tables import JobRow
 
 REMOVE_BLOB = "remove-blob"
 REWRAP = "rewrap"

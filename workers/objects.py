@@ -23,15 +23,15 @@ from typing import cast
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from broker.detached import DetachedWork
-from broker.errors import AlreadyExists, FailedPrecondition, InvalidArgument, KeybrokerError
-from broker.names import ObjectName, Purpose, parse_object, parse_resource
+from broker.core.detached import DetachedWork
+from broker.core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, KeybrokerError
+from broker.core.names import ObjectName, Purpose, parse_object, parse_resource
 from workers import jobs
 from workers.blobs import BlobNotFound, BlobStore
 from workers.broker_client import BrokerClient
 from workers.errors import StoredObjectCorrupt, analyze_result_not_found, model_not_found
-from workers.models import AnalyzeOperationRow, ModelRow
 from workers.streaming_aead import StreamAuthenticationError, decrypt_stream, encrypt_stream
+from workers.tables import AnalyzeOperationRow, ModelRow
 
 FINAL = ("succeeded", "failed", "canceled")
 
@@ -89,7 +89,7 @@ class ObjectStore:
         self._retention = retention
         # The clock expiry is judged by (the retention sweep reads it too; tests move it).
         self.now = now
-        # Database work that must not be cut short by a cancelled RPC (broker.detached).
+        # Database work that must not be cut short by a cancelled RPC (broker.core.detached).
         self.detached = DetachedWork()
 
     # -- encryption ------------------------------------------------------------------------------

@@ -34,13 +34,13 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from broker.api import key_broker_pb2 as pb
-from broker.audit import AuditEvent
-from broker.errors import KeybrokerError
-from broker.names import resource_name
+from broker.core.audit_event import AuditEvent
+from broker.core.errors import KeybrokerError
+from broker.core.names import resource_name
 from workers.audit_recorder import AuditRecorder
 from workers.blobs import BlobStore
-from workers.models import AnalyzeOperationRow
 from workers.objects import ObjectStore
+from workers.tables import AnalyzeOperationRow
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ async def sweep(
             break
     shredded = 0
     while True:
-        batch = await _shred_batch(sessions, now)
+        batch = await shred_batch(sessions, now)
         shredded += len(batch)
         removed += await _remove(sessions, blobs, batch)
         if len(batch) < BATCH:
@@ -95,7 +95,7 @@ Doomed = Sequence[tuple[str, str | None]]
 """(operation name, blob key) of shredded rows, to remove."""
 
 
-async def _shred_batch(sessions: async_sessionmaker[AsyncSession], now: datetime) -> Doomed:
+async def shred_batch(sessions: async_sessionmaker[AsyncSession], now: datetime) -> Doomed:
     """Step 1, one batch in one transaction: expired live rows lose their wrapped data key."""
     table = AnalyzeOperationRow
     async with sessions.begin() as session:

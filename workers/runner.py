@@ -13,7 +13,7 @@ from anyio.abc import TaskStatus
 
 from workers.job_handlers import HANDLERS, JobContext
 from workers.jobs import JobQueue
-from workers.models import JobRow
+from workers.tables import JobRow
 
 log = logging.getLogger(__name__)
 

@@ -2,11 +2,11 @@
 runner, in one anyio task group per process.
 
 `keybroker workers` runs them with a gRPC server of their own and reaches the broker at
-`broker_address`; `keybroker up` attaches them to the broker's server (broker.server), and
+`broker_address`; `keybroker up` attaches them to the broker's server (broker.service.server), and
 Storage reaches the broker on that same port through the generated stubs.
-With TLS settings both the server and the channel to the broker use mutual TLS (broker.certs):
+With TLS settings both the server and the channel to the broker use mutual TLS (broker.rpc.tls):
 the workers present their own client certificate, and with a policy file Storage's callers are
-authorized by broker.authz (refusals audited: `_record_denial`).
+authorized by broker.rpc.authz (refusals audited: `_record_denial`).
 
 Audit records (retention, refusals) go through `Storage.audit`, an AuditRecorder
 (workers.audit_recorder): the broker's AuditLog under `keybroker up`, else the broker over gRPC
@@ -30,14 +30,14 @@ from anyio.abc import TaskStatus
 from grpc_health.v1 import health_pb2
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from broker import certs
 from broker.api import storage_pb2 as spb
-from broker.audit import AuditEvent
+from broker.core.audit_event import AuditEvent
+from broker.core.errors import ConfigurationError
+from broker.core.settings import Settings
 from broker.db import schema
 from broker.db.engine import create_engine, is_postgresql, session_factory
-from broker.errors import ConfigurationError
-from broker.server import add_health_and_reflection, new_grpc_server
-from broker.settings import Settings
+from broker.rpc import tls
+from broker.rpc.grpc_server import add_health_and_reflection, new_grpc_server
 from workers import retention
 from workers.audit_recorder import AuditRecorder, BrokerAuditRecorder
 from workers.broker_client import BrokerClient
@@ -150,13 +150,13 @@ async def serve_workers(
     engine = create_engine(settings.database)
     try:
         await schema.require_current(engine)
-        credentials = certs.listen_credentials(settings)
-        async with certs.broker_channel(settings, settings.broker_address) as channel:
+        credentials = tls.listen_credentials(settings)
+        async with tls.broker_channel(settings, settings.broker_address) as channel:
             storage = build_storage(settings, engine, channel, now)
             server = new_grpc_server(settings, partial(_record_denial, storage))
             add_to_server(storage.service, server)
             health_servicer = add_health_and_reflection(server, [SERVICE_NAME])
-            port = certs.add_port(server, settings.listen, credentials)
+            port = tls.add_port(server, settings.listen, credentials)
             stopping = anyio.Event()
             async with anyio.create_task_group() as tg:
                 await server.start()

@@ -10,18 +10,18 @@ from typing import Any
 import grpc
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from broker import convert
 from broker.api import storage_pb2 as spb
 from broker.api import storage_pb2_grpc as spb_grpc
-from broker.authz import check_name, check_resource
-from broker.errors import InvalidArgument, NotFound
-from broker.identity import call_identity
-from broker.limits import StreamLimiter
-from broker.names import parse_resource, resource_name
+from broker.core.errors import InvalidArgument, NotFound
+from broker.core.identity import call_identity
+from broker.core.names import parse_resource, resource_name
+from broker.rpc import fields
+from broker.rpc.authz import check_name, check_resource
+from broker.rpc.stream_limits import StreamLimiter
 from workers import jobs
 from workers.jobs import JobQueue
-from workers.models import AnalyzeOperationRow, JobRow, ModelRow
 from workers.objects import ObjectStore
+from workers.tables import AnalyzeOperationRow, JobRow, ModelRow
 
 Context = grpc.aio.ServicerContext[Any, Any]
 _STATUS = {
@@ -44,7 +44,7 @@ def model_message(row: ModelRow) -> spb.Model:
     return spb.Model(
         name=row.name,
         size_bytes=row.size_bytes,
-        create_time=convert.timestamp(row.create_time),
+        create_time=fields.timestamp(row.create_time),
         key_id=row.key_id,
     )
 
@@ -54,14 +54,14 @@ def operation_message(row: AnalyzeOperationRow) -> spb.AnalyzeOperation:
         name=row.name,
         model=row.model,
         status=_STATUS[row.status],
-        create_time=convert.timestamp(row.create_time),
-        last_update_time=convert.timestamp(row.last_update_time),
-        expire_time=convert.timestamp(row.expire_time),
+        create_time=fields.timestamp(row.create_time),
+        last_update_time=fields.timestamp(row.last_update_time),
+        expire_time=fields.timestamp(row.expire_time),
         result_size_bytes=row.result_size_bytes,
         error_message=row.error_message,
     )
     if row.complete_time is not None:
-        message.complete_time.CopyFrom(convert.timestamp(row.complete_time))
+        message.complete_time.CopyFrom(fields.timestamp(row.complete_time))
     return message
 
 
@@ -73,8 +73,8 @@ def job_message(row: JobRow) -> spb.Job:
         state=_JOB_STATE[row.state],
         done=row.done,
         total=row.total,
-        create_time=convert.timestamp(row.create_time),
-        update_time=convert.timestamp(row.update_time),
+        create_time=fields.timestamp(row.create_time),
+        update_time=fields.timestamp(row.update_time),
         error_message=row.error_message,
     )
 
@@ -87,7 +87,7 @@ async def _header_then_chunks(
     first = await anext(iterator, None)
     if first is None or first.WhichOneof("part") != "header":
         raise InvalidArgument("MISSING_FIELD", "the first message must carry the header")
-    # The name arrives only now: the caller's grant is checked here (broker.authz, deferred).
+    # The name arrives only now: the caller's grant is checked here (broker.rpc.authz, deferred).
     check_name(first.header.name)
 
     async def chunks() -> AsyncIterator[bytes]:
@@ -114,7 +114,7 @@ class StorageService(spb_grpc.StorageServicer):
         self._objects = objects
         self._queue = queue
         # Handlers' database work runs detached: a cancelled RPC must not cut a transaction
-        # short (see broker.detached); shutdown waits for it.
+        # short (see broker.core.detached); shutdown waits for it.
         self._detached = objects.detached
         self._sessions = sessions
         self._now = now
@@ -154,12 +154,12 @@ class StorageService(spb_grpc.StorageServicer):
         self, request: spb.ListModelsRequest, context: Context
     ) -> spb.ListModelsResponse:
         resource_id = parse_resource(request.parent, "parent")
-        size = convert.page_size(request.page_size)
-        after = convert.decode_page_token("m", request.page_token) or ""
+        size = fields.page_size(request.page_size)
+        after = fields.decode_page_token("m", request.page_token) or ""
         rows = await self._detached.run(self._objects.list_models(resource_id, after, size + 1))
         response = spb.ListModelsResponse(models=[model_message(r) for r in rows[:size]])
         if len(rows) > size:
-            response.next_page_token = convert.encode_page_token("m", rows[size - 1].name)
+            response.next_page_token = fields.encode_page_token("m", rows[size - 1].name)
         return response
 
     async def DeleteModel(
@@ -247,7 +247,7 @@ class StorageService(spb_grpc.StorageServicer):
         row = await self._detached.run(self._queue.get(job_id))
         if row is None:
             raise NotFound("JOB_NOT_FOUND", f"{request.name} does not exist")
-        check_resource(row.resource_id)  # a job's name does not say its resource (broker.authz)
+        check_resource(row.resource_id)  # a job's name does not say its resource (broker.rpc.authz)
         return spb.GetJobResponse(job=job_message(row))
 
 

@@ -196,24 +196,6 @@ class StreamEncryptor:
         return last
 
 
-class _StreamEncryptor(StreamEncryptor):
-    """Known-answer tests only: a fixed salt and nonce prefix. Reusing them for two messages
-    under one key reuses GCM nonces and destroys confidentiality and integrity."""
-
-    def __init__(
-        self,
-        key: bytes,
-        associated_data: bytes,
-        segment_size: int = DEFAULT_SEGMENT_SIZE,
-        *,
-        salt: bytes,
-        nonce_prefix: bytes,
-    ) -> None:
-        if len(salt) != SALT_SIZE or len(nonce_prefix) != NONCE_PREFIX_SIZE:
-            raise ValueError("bad salt or nonce prefix length")
-        self._start(key, associated_data, segment_size, salt, nonce_prefix)
-
-
 class StreamDecryptor:
     """Decrypts one message in the format of `StreamEncryptor`, returning only plaintext of
     segments that authenticated.

@@ -9,7 +9,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.ext.asyncio import AsyncSession as AsyncSession
 
-from broker.errors import ConfigurationError
+from broker.core.errors import ConfigurationError
 
 
 def create_engine(url: str) -> AsyncEngine:

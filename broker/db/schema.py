@@ -17,7 +17,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 import migrations
-from broker.errors import ConfigurationError
+from broker.core.errors import ConfigurationError
 
 
 def _config() -> Config:

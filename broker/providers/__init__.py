@@ -10,19 +10,25 @@ from broker.providers.interface import (
     KeyNotFound,
     KeyReference,
     KeyUnavailable,
+    ProviderError,
     ProviderUnavailable,
     RootKeyProvider,
     UnsupportedKey,
     WrappedKeyInvalid,
 )
+from broker.providers.registry import PROVIDERS, ProviderRegistry, registry_from_settings
 
 __all__ = [
+    "PROVIDERS",
     "KeyDescription",
     "KeyNotFound",
     "KeyReference",
     "KeyUnavailable",
+    "ProviderError",
+    "ProviderRegistry",
     "ProviderUnavailable",
     "RootKeyProvider",
     "UnsupportedKey",
     "WrappedKeyInvalid",
+    "registry_from_settings",
 ]

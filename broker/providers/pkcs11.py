@@ -8,10 +8,8 @@ or 4096 bits) under that label and id; a new version is a new CKA_ID under the s
 from __future__ import annotations
 
 import asyncio
-import enum
 import os
 import re
-import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -32,14 +30,17 @@ from broker.providers.interface import (
     UnsupportedKey,
     WrappedKeyInvalid,
 )
+from broker.providers.pkcs11_session import (
+    CIPHERTEXT_REFUSED,
+    DECRYPT_FAILED,
+    OAEP_PARAMS_REFUSED,
+    PIN_REFUSED,
+    TokenFault,
+    run_on_session,
+)
 
 if TYPE_CHECKING:
     from pkcs11._pkcs11 import lib as pkcs11_lib
-
-PKCS11_LOCK: Final = threading.Lock()
-"""Held around every PKCS#11 call in this process, by every provider and by anything else that
-talks to a PKCS#11 module (the test helpers). python-pkcs11 turns the module's own locking off and
-releases the GIL, so two threads inside the module at once crash it (seen with SoftHSM2)."""
 
 FORMAT_VERSION: Final = 1
 MECHANISM_AES_GCM: Final = 1
@@ -57,80 +58,7 @@ _VERSION_PATTERN: Final = re.compile(r"(?:[0-9a-f]{2})+")
 _OAEP_SHA256: Final = (Mechanism.SHA256, MGF.SHA256, None)
 _OAEP_SHA1: Final = (Mechanism.SHA_1, MGF.SHA1, None)
 _INVALID: Final = "the wrapped key does not authenticate under this key version"
-_NOT_PERMITTED: Final = "Unmapped error code 0x68"
-"""python-pkcs11 0.10 has no class for CKR_KEY_FUNCTION_NOT_PERMITTED (0x68): a key whose
-CKA_ENCRYPT or CKA_DECRYPT was switched off raises a bare PKCS11Error with this text."""
-
-# A cached session that no longer works: open a new one and try once more.
-_STALE_SESSION: Final = (
-    p11.SessionHandleInvalid,
-    p11.SessionClosed,
-    p11.UserNotLoggedIn,
-    p11.DeviceRemoved,
-    p11.TokenNotPresent,
-)
-_PIN_REFUSED: Final = (
-    p11.PinIncorrect,
-    p11.PinInvalid,
-    p11.PinLenRange,
-    p11.PinLocked,
-    p11.PinExpired,
-    p11.UserPinNotInitialized,
-)
-_KEY_REFUSED: Final = (
-    p11.KeyTypeInconsistent,
-    p11.KeySizeRange,
-    p11.MechanismInvalid,
-    p11.MechanismParamInvalid,
-)
-# How tokens refuse OAEP parameters they do not implement (SoftHSM 2.6: ArgumentsBad for SHA-256).
-_OAEP_PARAMS_REFUSED: Final = (p11.ArgumentsBad, p11.MechanismParamInvalid, p11.MechanismInvalid)
-# SoftHSM reports a failed GCM tag or OAEP decoding as CKR_GENERAL_ERROR, other tokens as
-# CKR_FUNCTION_FAILED: both are told apart from a failing token by asking it again (see _unwrap).
-_DECRYPT_FAILED: Final = (p11.GeneralError, p11.FunctionFailed)
-_CIPHERTEXT_REFUSED: Final = (p11.EncryptedDataInvalid, p11.EncryptedDataLenRange)
-
 _T = TypeVar("_T")
-_S = TypeVar("_S")
-
-
-class TokenFault(enum.Enum):
-    """How a PKCS#11 call failed, for `run_on_session`'s caller to turn into its own error."""
-
-    STALE_SESSION = "the session was lost twice in a row"
-    KEY_HANDLE = "the key object changed during the call"
-    KEY_REFUSED = "the token refused the key or the mechanism"
-    NOT_PERMITTED = "the key's function is switched off (CKR_KEY_FUNCTION_NOT_PERMITTED)"
-    FAILED = "any other token failure"
-
-
-def run_on_session(
-    open_session: Callable[[], _S],
-    forget_session: Callable[[], None],
-    op: Callable[[_S], _T],
-    fault: Callable[[TokenFault, p11.PKCS11Error], Exception],
-) -> _T:
-    """Runs `op` on the session `open_session` gives, under PKCS11_LOCK. A stale session is
-    forgotten and the call tried once more on a fresh one; any other PKCS#11 error, or a second
-    stale session, raises `fault(kind, exc)`: the caller's own error. Errors of `open_session`
-    and non-PKCS#11 errors of `op` pass through."""
-    with PKCS11_LOCK:
-        for attempt in range(2):
-            session = open_session()
-            try:
-                return op(session)
-            except _STALE_SESSION as exc:
-                forget_session()
-                if attempt:
-                    raise fault(TokenFault.STALE_SESSION, exc) from exc
-            except (p11.KeyHandleInvalid, p11.ObjectHandleInvalid) as exc:
-                raise fault(TokenFault.KEY_HANDLE, exc) from exc
-            except _KEY_REFUSED as exc:
-                raise fault(TokenFault.KEY_REFUSED, exc) from exc
-            except p11.PKCS11Error as exc:
-                off = str(exc) == _NOT_PERMITTED
-                raise fault(TokenFault.NOT_PERMITTED if off else TokenFault.FAILED, exc) from exc
-        raise AssertionError("unreachable")
 
 
 def pkcs11_provider(
@@ -267,7 +195,7 @@ class _Pkcs11Provider:
             raise KeyNotFound(f"no PKCS#11 token labelled {token_label!r}") from exc
         except p11.MultipleTokensReturned as exc:
             raise KeyUnavailable(f"several PKCS#11 tokens are labelled {token_label!r}") from exc
-        except _PIN_REFUSED as exc:
+        except PIN_REFUSED as exc:
             self._pin_refused.add(token_label)
             raise KeyUnavailable(
                 f"PKCS#11 token {token_label!r} refused the configured PIN ({type(exc).__name__})"
@@ -298,7 +226,7 @@ class _Pkcs11Provider:
         if state.oaep_sha256 is not False:
             try:
                 sealed = _encrypt(key.encryptor, plaintext, Mechanism.RSA_PKCS_OAEP, _OAEP_SHA256)
-            except _OAEP_PARAMS_REFUSED:
+            except OAEP_PARAMS_REFUSED:
                 state.oaep_sha256 = False
             else:
                 state.oaep_sha256 = True
@@ -341,14 +269,14 @@ class _Pkcs11Provider:
                 raise WrappedKeyInvalid(_INVALID)
         try:
             return _decrypt(key.decryptor, body, kind, params)
-        except _CIPHERTEXT_REFUSED:
+        except CIPHERTEXT_REFUSED:
             raise WrappedKeyInvalid(_INVALID) from None
-        except _OAEP_PARAMS_REFUSED:
+        except OAEP_PARAMS_REFUSED:
             if mechanism != MECHANISM_RSA_OAEP_SHA256:
                 raise
             # A token without OAEP-SHA256 cannot have made this: the mechanism byte is damaged.
             raise WrappedKeyInvalid(_INVALID) from None
-        except _DECRYPT_FAILED:
+        except DECRYPT_FAILED:
             # Ambiguous: bad ciphertext or a failing token. If the token still answers for the key
             # (raising a PKCS11Error here if not), the ciphertext was at fault.
             if _resolve(state.session, ref).decryptor is None:

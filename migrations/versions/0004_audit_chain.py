@@ -1,7 +1,7 @@
 """audit chain: per-record chain sequence and HMAC, and the sealed audit keys
 
 Every audit record written from this revision on carries `chain_seq` (1, 2, ... per writer),
-`chain_mac` (HMAC-SHA256, broker.audit_chain) and `audit_key_id` (which audit key made the MAC).
+`chain_mac` (HMAC-SHA256, broker.audit.chain) and `audit_key_id` (which audit key made the MAC).
 Records written before it keep NULL in all three: they were never chained, so nothing can show
 whether they were edited. `keybroker audit verify` reports them as "unchained (written before
 the audit chain)" without failing, but only while they precede every chained record (by id); an

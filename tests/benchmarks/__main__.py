@@ -28,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from broker.certs import init_dev_certs
+from broker.cli.dev_certs import init_dev_certs
 from tests.benchmarks import batch, cold_cache, retention, reuseport, streaming, unary
 from tests.benchmarks.common import TLS_ENV, environment, now_utc
 

@@ -30,10 +30,10 @@ from pathlib import Path
 from typing import Any
 
 from broker.api import key_broker_pb2 as pb
+from broker.core.settings import Settings
 from broker.providers import KeyDescription, KeyReference, RootKeyProvider
 from broker.providers.dev_vault import FILE_NAME, DevVaultStore, dev_vault_provider
-from broker.root_keys import ProviderRegistry
-from broker.settings import Settings
+from broker.providers.registry import ProviderRegistry
 from tests.benchmarks.common import environment, now_utc, parser, write_report
 from tests.harness import BrokerUnderTest, running_broker
 

@@ -93,7 +93,7 @@ def channel(address: str) -> grpc.aio.Channel:
     d = tls_dir()
     if d is None:
         return grpc.aio.insecure_channel(address)
-    from broker.certs import channel_credentials
+    from broker.rpc.tls import channel_credentials
 
     credentials = channel_credentials(
         d / "ca.pem", d / f"{TLS_CLIENT}.pem", d / f"{TLS_CLIENT}.key"
@@ -107,7 +107,7 @@ def add_baseline_port(server: grpc.aio.Server, address: str) -> None:
     if d is None:
         server.add_insecure_port(address)
         return
-    from broker.certs import server_credentials
+    from broker.rpc.tls import server_credentials
 
     server.add_secure_port(
         address, server_credentials(d / "ca.pem", d / "server.pem", d / "server.key")

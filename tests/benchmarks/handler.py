@@ -18,10 +18,10 @@ from typing import Any
 import anyio
 
 from broker.api import key_broker_pb2 as pb
+from broker.core.settings import Settings
 from broker.db import schema
 from broker.db.engine import create_engine
-from broker.server import build_broker
-from broker.settings import Settings
+from broker.service.server import build_broker
 
 NAME = "resources/bench/models/m1"
 

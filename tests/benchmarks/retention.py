@@ -37,14 +37,14 @@ from sqlalchemy import Table, delete, func, insert, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from broker.api import key_broker_pb2 as pb
+from broker.core.settings import Settings
 from broker.db import schema
 from broker.db.engine import create_engine
-from broker.settings import Settings
 from tests.benchmarks.common import environment, now_utc, parser, write_report
 from tests.harness import Clock, running_broker
 from tests.pg_cluster import throwaway_cluster
-from workers.models import AnalyzeOperationRow, JobRow
 from workers.retention import sweep
+from workers.tables import AnalyzeOperationRow, JobRow
 
 TARGET_RATIO = 0.3
 RESOURCES = 10
@@ -105,7 +105,7 @@ async def _fill(engine: AsyncEngine, blob_dir: Path, n: int, completed: datetime
                 "expire_time": expire,
                 "error_message": "",
                 "blob_key": blob_key,
-                # The shape of a real one (broker.data_keys: 65 bytes); never opened here.
+                # The shape of a real one (broker.keys.data_key_format: 65 bytes), never opened.
                 "wrapped_data_key": b"\x01\x00\x00\x00\x01" + os.urandom(60),
                 "key_id": f"resources/{resource}/resourceKeys/results/versions/1",
                 "result_size_bytes": BLOB_BYTES - 56,
@@ -184,7 +184,7 @@ async def sweeper(n: int, pg_admin: str | None) -> tuple[Figures, dict[str, int]
             await asyncio.sleep(0.5)  # the start-up sweep is over
             await _fill(kb.engine, settings.blob_dir, n, clock.now())
             clock.advance(timedelta(hours=24, seconds=1))
-            storage = kb.running.storage
+            storage = kb.workers
             started = time.perf_counter()
             counts = await sweep(
                 storage.objects, storage.objects.blobs, storage.context.sessions, storage.audit

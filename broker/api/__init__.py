@@ -1,0 +1,1 @@
+"""The generated keybroker.v1 stubs (scripts/gen-protos writes every other file here)."""

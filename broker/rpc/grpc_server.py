@@ -1,0 +1,55 @@
+"""One place builds a keybroker gRPC server: its interceptors, its message limits, and the
+grpc.health.v1 and reflection services every server offers beside its own."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from broker.core.limits import MAX_MESSAGE_BYTES
+from broker.core.settings import Settings
+from broker.rpc.authz import Record, authz_interceptors
+from broker.rpc.deadlines import DeadlineInterceptor
+from broker.rpc.interceptors import ErrorInterceptor
+
+
+def server_options() -> list[tuple[str, Any]]:
+    """The gRPC server options every keybroker server is built with."""
+    return [
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ]
+
+
+def new_grpc_server(settings: Settings, record_refusal: Record) -> grpc.aio.Server:
+    """A gRPC server as every keybroker process builds it: errors become statuses, calls are
+    bounded in time (broker.rpc.deadlines), callers are authorized when a policy is set
+    (`record_refusal` audits refusals), and messages are capped (broker.core.limits)."""
+    return grpc.aio.server(
+        interceptors=[
+            ErrorInterceptor(),
+            DeadlineInterceptor(
+                settings.max_unary_duration.total_seconds(),
+                settings.max_stream_duration.total_seconds(),
+            ),
+            *authz_interceptors(settings, record_refusal),
+        ],
+        options=server_options(),
+    )
+
+
+def add_health_and_reflection(
+    server: grpc.aio.Server, services: Sequence[str]
+) -> health.aio.HealthServicer:
+    """Adds grpc.health.v1 and reflection (of `services` and themselves) to `server`; returns
+    the health servicer, to be set SERVING once the server is."""
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (*services, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    return health_servicer
