@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from tests.test_streaming_aead import TinkStreamingAead
+from tests.workers.test_streaming_aead import TinkStreamingAead
 from workers.streaming_aead import (
     HEADER_SIZE,
     TAG_SIZE,

@@ -2,7 +2,8 @@
 revoke and restore, disable, legacy scope, the cutoff, and the refusals. The customer's key store
 is, in turn, a real PKCS#11 HSM (SoftHSM2; revocation switches the key's usage attributes off in
 the token) and the dev vault (file-backed, in the data directory). The Azure Key Vault provider
-has a contract suite of its own against a local stand-in (tests/test_azure_provider.py)."""
+has a contract suite of its own against a local stand-in
+(tests/providers/test_azure_provider.py)."""
 
 from __future__ import annotations
 

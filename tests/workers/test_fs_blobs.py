@@ -23,7 +23,7 @@ from workers.fs_blobs import filesystem_blob_store
 
 KEY = "r1/models/m1/0f8fad5b-d9cb-469f-a165-70867728950e"
 MIB = 1 << 20
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ from broker.api import key_broker_pb2_grpc as pb_grpc
 from broker.api import storage_pb2 as spb
 from broker.api import storage_pb2_grpc as spb_grpc
 from tests.harness import assert_error, free_port
-from tests.test_process import KEYBROKER
+from tests.system.test_process import KEYBROKER
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio]
 

@@ -22,7 +22,7 @@ from broker.core.settings import Settings
 from broker.keys import master_key_pkcs11
 from tests import softhsm
 from tests.harness import assert_error, audit_rows, refusal, running_broker
-from tests.test_master_key import (
+from tests.keys.test_master_key import (
     assert_decrypt,
     first_run,
     populate,

@@ -15,7 +15,7 @@ import sys
 import tomllib
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("broker", "workers", "migrations", "tests")
 
 # Loaded by `import workers.server` only over the workers' dead bodies.

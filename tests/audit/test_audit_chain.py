@@ -38,7 +38,7 @@ from tests.harness import (
     run_keybroker,
     running_broker,
 )
-from tests.test_master_key import rotate_offline
+from tests.keys.test_master_key import rotate_offline
 
 # -- the MAC format: frozen vectors --------------------------------------------------------------
 

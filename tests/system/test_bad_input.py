@@ -33,7 +33,7 @@ database; at the defaults a CI run executes more than 10,000 cases in all (the l
 database asserts its share, and prints the count). For a longer run set KEYBROKER_FUZZ_EXAMPLES
 (examples per RPC; the tamper tests scale with it), e.g.
 
-    KEYBROKER_FUZZ_EXAMPLES=2000 .venv/bin/pytest -q tests/test_bad_input.py
+    KEYBROKER_FUZZ_EXAMPLES=2000 .venv/bin/pytest -q tests/system/test_bad_input.py
 
 Runs are derandomized (the same cases every run, no example database, no .hypothesis directory);
 set KEYBROKER_FUZZ_SEED to explore other cases.
@@ -498,7 +498,7 @@ def _field(f: FieldDescriptor, rpc_name: str, fuzz: Fuzz, depth: int) -> st.Sear
     else:
         raise AssertionError(f"{rpc_name}: no generator for field {f.full_name} (type {f.type})")
     if f.is_repeated:
-        # Batch items: a few (the size limit itself is tests/test_limits.py's).
+        # Batch items: a few (the size limit itself is tests/rpc/test_limits.py's).
         return st.lists(one, max_size=4 if depth == 0 else 2)
     return one
 

@@ -30,7 +30,7 @@ from broker.api import storage_pb2 as spb
 from broker.core.settings import Settings
 from tests.harness import BrokerUnderTest, free_port, running_broker
 from tests.pg_cluster import postgres_bin_dir
-from tests.test_process import start_up, wait_serving
+from tests.system.test_process import start_up, wait_serving
 
 RESOURCE = "resources/pt"
 

@@ -1,0 +1,1 @@
+"""The audit trail (broker.audit): chains, group commit, sinks."""

@@ -1,0 +1,1 @@
+"""SQL state (broker.db): schema version control."""

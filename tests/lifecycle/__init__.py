@@ -1,0 +1,1 @@
+"""State changes (broker.lifecycle): resources, key versions, customer-managed keys."""

@@ -1,0 +1,1 @@
+"""What every server shares (broker.rpc): authorization, limits, mutual TLS, health."""

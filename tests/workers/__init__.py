@@ -1,0 +1,1 @@
+"""The data plane (workers): Storage, blobs, retention, streaming encryption, audit."""
