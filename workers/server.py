@@ -38,6 +38,7 @@ from broker.db import schema
 from broker.db.engine import create_engine, is_postgresql, session_factory
 from broker.rpc import tls
 from broker.rpc.grpc_server import add_health_and_reflection, new_grpc_server
+from broker.rpc.listen import add_port, refuse_taken
 from workers import retention
 from workers.audit_recorder import AuditRecorder, BrokerAuditRecorder
 from workers.broker_client import BrokerClient
@@ -145,6 +146,8 @@ async def serve_workers(
 ) -> None:
     """`keybroker workers`: Storage on its own server, the broker at `broker_address`."""
     settings.check_listen()
+    if not settings.reuse_port:
+        refuse_taken(settings.listen)  # before anything is opened
     if not settings.broker_address:
         raise ConfigurationError("set --broker-address (or KEYBROKER_BROKER_ADDRESS)")
     engine = create_engine(settings.database)
@@ -156,7 +159,7 @@ async def serve_workers(
             server = new_grpc_server(settings, partial(_record_denial, storage))
             add_to_server(storage.service, server)
             health_servicer = add_health_and_reflection(server, [SERVICE_NAME])
-            port = tls.add_port(server, settings.listen, credentials)
+            port = add_port(server, settings.listen, credentials, reuse_port=settings.reuse_port)
             stopping = anyio.Event()
             async with anyio.create_task_group() as tg:
                 await server.start()

@@ -54,6 +54,8 @@ log = logging.getLogger("keybroker")
 _SETTING_FLAGS = (
     "data_dir",
     "listen",
+    "workers_listen",
+    "reuse_port",
     "database_url",
     "log_level",
     "broker_address",
@@ -61,9 +63,18 @@ _SETTING_FLAGS = (
 )
 
 
-def _add_setting_flags(p: argparse.ArgumentParser) -> None:
+def _add_setting_flags(p: argparse.ArgumentParser, *, workers: bool = False) -> None:
     p.add_argument("--data-dir", dest="data_dir", help="data directory (default ./.keybroker)")
-    p.add_argument("--listen", help="HOST:PORT to serve on (default 127.0.0.1:50051)")
+    if workers:
+        # The workers' own default, so that they never land on the broker's port by accident.
+        p.add_argument(
+            "--listen",
+            dest="workers_listen",
+            help="HOST:PORT to serve Storage on (default 127.0.0.1:50052; "
+            "KEYBROKER_WORKERS_LISTEN)",
+        )
+    else:
+        p.add_argument("--listen", help="HOST:PORT to serve on (default 127.0.0.1:50051)")
     p.add_argument(
         "--database-url",
         dest="database_url",
@@ -126,11 +137,19 @@ def _parser() -> argparse.ArgumentParser:
         ("migrate", "upgrade the database schema to this version"),
     ):
         p = sub.add_parser(name, help=help_text)
-        _add_setting_flags(p)
+        _add_setting_flags(p, workers=name == "workers")
         if name == "workers":
             p.add_argument("--broker-address", dest="broker_address", help="the broker's HOST:PORT")
         if name != "migrate":
             _add_tls_flags(p)
+            p.add_argument(
+                "--reuse-port",
+                dest="reuse_port",
+                action="store_const",
+                const="true",
+                help="share the port with other processes (SO_REUSEPORT) on purpose; without "
+                "it an address in use is refused",
+            )
 
     certs = sub.add_parser("certs", help="development certificates for mutual TLS (offline)")
     certs_sub = certs.add_subparsers(dest="action", required=True)
@@ -467,7 +486,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         runners: dict[str, Callable[[], Awaitable[int]]] = {
             # The embedded default offers the dev vault for trying customer-managed keys.
             "up": lambda: _serve_until_signal(replace(settings, dev_vault=True), "up"),
-            "workers": lambda: _serve_until_signal(settings, "workers"),
+            "workers": lambda: _serve_until_signal(
+                replace(settings, listen=settings.workers_listen), "workers"
+            ),
             "broker": lambda: _serve_until_signal(settings, "broker"),
             "migrate": lambda: _migrate(settings),
             "master-key": lambda: _rotate_master(settings),

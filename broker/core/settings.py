@@ -32,6 +32,11 @@ class Settings:
 
     data_dir: Path = Path(".keybroker")
     listen: str = "127.0.0.1:50051"
+    # Where `keybroker workers` serves Storage (its --listen); the broker's port is not its default.
+    workers_listen: str = "127.0.0.1:50052"
+    # Share the listen port with other processes (SO_REUSEPORT), on purpose. Off: an address in
+    # use is refused (broker.rpc.listen).
+    reuse_port: bool = False
     # Empty: SQLite in the data directory.
     database_url: str = ""
     cache_ttl: timedelta = timedelta(minutes=5)

@@ -17,11 +17,13 @@ from broker.rpc.deadlines import DeadlineInterceptor
 from broker.rpc.interceptors import ErrorInterceptor
 
 
-def server_options() -> list[tuple[str, Any]]:
-    """The gRPC server options every keybroker server is built with."""
+def server_options(*, reuse_port: bool = False) -> list[tuple[str, Any]]:
+    """The gRPC server options every keybroker server is built with. SO_REUSEPORT only when
+    asked for (broker.rpc.listen): gRPC's default would share a taken port silently."""
     return [
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.so_reuseport", int(reuse_port)),
     ]
 
 
@@ -38,7 +40,7 @@ def new_grpc_server(settings: Settings, record_refusal: Record) -> grpc.aio.Serv
             ),
             *authz_interceptors(settings, record_refusal),
         ],
-        options=server_options(),
+        options=server_options(reuse_port=settings.reuse_port),
     )
 
 

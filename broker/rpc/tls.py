@@ -1,5 +1,5 @@
-"""gRPC credentials for mutual TLS, built from PEM files, and the listening port and broker
-channel every process opens with them (plain TCP when no TLS is configured).
+"""gRPC credentials for mutual TLS, built from PEM files, and the channel to the broker every
+process that calls it opens with them (plain TCP when no TLS is configured).
 
 Production brings its own CA and certificates and points KEYBROKER_TLS_CA / _CERT / _KEY (and
 _CLIENT_CERT / _CLIENT_KEY for processes that call the broker) at them; `keybroker certs init`
@@ -50,15 +50,6 @@ def listen_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     return server_credentials(
         Path(settings.tls_ca), Path(settings.tls_cert), Path(settings.tls_key)
     )
-
-
-def add_port(
-    server: grpc.aio.Server, listen: str, credentials: grpc.ServerCredentials | None
-) -> int:
-    """Adds the listening port (mutual TLS with `credentials`, else plain TCP); returns it."""
-    if credentials is not None:
-        return server.add_secure_port(listen, credentials)
-    return server.add_insecure_port(listen)
 
 
 def broker_channel(settings: Settings, address: str) -> grpc.aio.Channel:

@@ -42,6 +42,7 @@ from broker.lifecycle.resources import Lifecycle, LifecyclePolicy
 from broker.providers.registry import ProviderRegistry, registry_from_settings
 from broker.rpc import tls
 from broker.rpc.grpc_server import add_health_and_reflection, new_grpc_server
+from broker.rpc.listen import add_port, refuse_taken
 from broker.service.key_broker import VERSION, KeyBrokerService
 
 log = logging.getLogger(__name__)
@@ -172,6 +173,8 @@ async def serve(
     root-key providers the settings configure (tests inject a test credential this way);
     `co_served` front ends share its server (see CoServed)."""
     settings.check_listen()
+    if not settings.reuse_port:
+        refuse_taken(settings.listen)  # before anything is migrated or created
     settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     with data_dir_lock.locked(settings.data_dir, exclusive=False):
         await _serve(
@@ -206,7 +209,7 @@ async def _serve(
         server = new_grpc_server(settings, broker.audit.record)
         pb_grpc.add_KeyBrokerServicer_to_server(broker.service, server)
         services = [SERVICE_NAME]
-        port = tls.add_port(server, settings.listen, credentials)
+        port = add_port(server, settings.listen, credentials, reuse_port=settings.reuse_port)
         for front_end in co_served:
             services.extend(front_end.attach(server, port, broker))
         health_servicer = add_health_and_reflection(server, services)

@@ -4,8 +4,8 @@ DecryptDataKey calls/s at 64 concurrent callers on a warm cache.
 All brokers share one data directory (its lock is shared between servers) and one SQLite
 database, migrated first by `keybroker migrate`; audit and every production check are on. The
 first broker creates the master key, the resource and the data key; the others then bind the same
-port. That they really share it is checked in /proc/net/tcp: one listening socket per process on
-the port (grpc sets SO_REUSEPORT by default on Linux, and the broker's server options keep it).
+port, each asking for it with `--reuse-port` (without it a taken address is refused). That they
+really share it is checked in /proc/net/tcp: one listening socket per process on the port.
 
 The load comes from separate client processes (this module with --client), each with several
 channels on their own TCP connections, since the kernel spreads connections, not calls, over
@@ -72,7 +72,9 @@ def _keybroker(*args: str) -> list[str]:
 def _start_broker(data_dir: str, port: int) -> subprocess.Popen[bytes]:
     env = dict(os.environ, KEYBROKER_LOG_LEVEL="WARNING")
     return subprocess.Popen(
-        _keybroker("broker", "--data-dir", data_dir, "--listen", f"127.0.0.1:{port}"),
+        _keybroker(
+            "broker", "--data-dir", data_dir, "--listen", f"127.0.0.1:{port}", "--reuse-port"
+        ),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         env=env,
