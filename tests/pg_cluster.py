@@ -101,12 +101,13 @@ def _remove(tmp: Path) -> None:
     shutil.rmtree(tmp)
 
 
-def _start(pg_ctl: Path, data: Path, log: Path, tmp: Path) -> int:
-    """Starts the server and returns its port, retrying if the chosen port was taken."""
+def _start(pg_ctl: Path, data: Path, log: Path, tmp: Path, port: int | None = None) -> int:
+    """Starts the server and returns its port (a free one, retried if it was taken meanwhile;
+    or exactly `port`)."""
     for attempt in range(1, _START_ATTEMPTS + 1):
-        port = _free_port()
+        chosen = port or _free_port()
         opts = (
-            f"-c listen_addresses=127.0.0.1 -p {port} -k {shlex.quote(str(tmp))} "
+            f"-c listen_addresses=127.0.0.1 -p {chosen} -k {shlex.quote(str(tmp))} "
             "-c fsync=off -c max_connections=200"
         )
         # -w: return only once the server accepts connections (or failed).
@@ -115,10 +116,10 @@ def _start(pg_ctl: Path, data: Path, log: Path, tmp: Path) -> int:
             tmp,
         )
         if proc.returncode == 0:
-            return port
+            return chosen
         tail = _log_tail(log)
         port_taken = "could not bind" in tail or "already in use" in tail
-        if not port_taken or attempt == _START_ATTEMPTS:
+        if port is not None or not port_taken or attempt == _START_ATTEMPTS:
             break
     raise RuntimeError(
         f"PostgreSQL did not start (pg_ctl exit {proc.returncode}): {_output(proc)}\n"
@@ -126,29 +127,60 @@ def _start(pg_ctl: Path, data: Path, log: Path, tmp: Path) -> int:
     )
 
 
+class Cluster:
+    """A private PostgreSQL cluster that tests may stop and start again (on the same port)."""
+
+    def __init__(self, bin_dir: Path, tmp: Path) -> None:
+        self._pg_ctl = bin_dir / "pg_ctl"
+        self._tmp = tmp
+        self._data, self._log = tmp / "data", tmp / "log"
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        """The ``postgresql+asyncpg://`` URL of its ``postgres`` database."""
+        return f"postgresql+asyncpg://postgres@127.0.0.1:{self.port}/postgres"
+
+    def start(self) -> None:
+        """Starts it (again, on the port it had); returns once it accepts connections."""
+        self.port = _start(self._pg_ctl, self._data, self._log, self._tmp, self.port or None)
+
+    def stop(self, mode: str = "fast") -> None:
+        """Stops it: "fast" ends every session at once, "immediate" is a crash."""
+        proc = _run([str(self._pg_ctl), "-D", str(self._data), "-m", mode, "stop"], self._tmp)
+        if proc.returncode != 0:
+            raise RuntimeError(f"pg_ctl stop failed: {_output(proc)}")
+
+
 @contextlib.contextmanager
-def throwaway_cluster() -> Iterator[str]:
-    """Starts a private PostgreSQL cluster; yields its ``postgresql+asyncpg://`` URL.
+def private_cluster() -> Iterator[Cluster]:
+    """Starts a private PostgreSQL cluster; yields it, to stop and start at will.
 
     The cluster has the superuser ``postgres`` (trust auth, no password) and the ``postgres``
     database. It is stopped and its directory removed when the context exits.
     """
     bin_dir = postgres_bin_dir()
     tmp = _make_tmpdir()
-    data, log = tmp / "data", tmp / "log"
-    started = False
+    data = tmp / "data"
     try:
         initdb = [str(bin_dir / "initdb"), "-D", str(data)]
         initdb += ["-U", "postgres", "-A", "trust", "-E", "UTF8", "--locale=C.UTF-8", "--no-sync"]
         init = _run(initdb, tmp)
         if init.returncode != 0:
             raise RuntimeError(f"initdb failed (exit {init.returncode}):\n{_output(init)}")
-        port = _start(bin_dir / "pg_ctl", data, log, tmp)
-        started = True
-        yield f"postgresql+asyncpg://postgres@127.0.0.1:{port}/postgres"
+        cluster = Cluster(bin_dir, tmp)
+        cluster.start()
+        yield cluster
     finally:
         try:
-            if started or (data / "postmaster.pid").exists():
+            if (data / "postmaster.pid").exists():
                 _run([str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"], tmp)
         finally:
             _remove(tmp)
+
+
+@contextlib.contextmanager
+def throwaway_cluster() -> Iterator[str]:
+    """A private cluster (see private_cluster) that runs throughout; yields its URL."""
+    with private_cluster() as cluster:
+        yield cluster.url

@@ -78,6 +78,10 @@ def translate(code: int | grpc.StatusCode, reason: str, message: str) -> Keybrok
         return FailedPrecondition(reason or "FAILED_PRECONDITION", message)
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return InvalidArgument(reason or "INVALID_ARGUMENT", message)
+    if code == grpc.StatusCode.UNAVAILABLE and reason:
+        # The broker answered, and says why it cannot now (its database, its audit trail, a
+        # customer's vault): the caller learns the same.
+        return Unavailable(reason, message)
     return Unavailable("BROKER_UNAVAILABLE", "the key broker did not answer")
 
 

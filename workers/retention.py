@@ -37,6 +37,7 @@ from broker.api import key_broker_pb2 as pb
 from broker.core.audit_event import AuditEvent
 from broker.core.errors import KeybrokerError
 from broker.core.names import resource_name
+from broker.db.outages import is_outage
 from workers.audit_recorder import AuditRecorder
 from workers.blobs import BlobStore
 from workers.objects import ObjectStore
@@ -198,6 +199,11 @@ async def run(
         try:
             with anyio.CancelScope(shield=True):  # a sweep interrupted mid-commit leaks nothing
                 await sweep(objects, blobs, sessions, audit)
-        except (SQLAlchemyError, OSError, KeybrokerError):
-            log.exception("retention sweep failed; retrying at the next tick")
+        except Exception as exc:
+            if is_outage(exc):
+                log.warning("retention sweep: the database is unavailable; retrying next tick")
+            elif isinstance(exc, SQLAlchemyError | OSError | KeybrokerError):
+                log.exception("retention sweep failed; retrying at the next tick")
+            else:
+                raise
         await anyio.sleep(interval.total_seconds())

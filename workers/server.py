@@ -35,9 +35,10 @@ from broker.core.audit_event import AuditEvent
 from broker.core.errors import ConfigurationError
 from broker.core.settings import Settings
 from broker.db import schema
+from broker.db.availability import DatabaseAvailability
 from broker.db.engine import create_engine, is_postgresql, session_factory
 from broker.rpc import tls
-from broker.rpc.grpc_server import add_health_and_reflection, new_grpc_server
+from broker.rpc.grpc_server import add_health_and_reflection, new_grpc_server, watch_database
 from broker.rpc.listen import add_port, refuse_taken
 from workers import retention
 from workers.audit_recorder import AuditRecorder, BrokerAuditRecorder
@@ -150,13 +151,16 @@ async def serve_workers(
         refuse_taken(settings.listen)  # before anything is opened
     if not settings.broker_address:
         raise ConfigurationError("set --broker-address (or KEYBROKER_BROKER_ADDRESS)")
-    engine = create_engine(settings.database)
+    engine = create_engine(settings.database, timeout=settings.database_timeout.total_seconds())
     try:
         await schema.require_current(engine)
         credentials = tls.listen_credentials(settings)
         async with tls.broker_channel(settings, settings.broker_address) as channel:
             storage = build_storage(settings, engine, channel, now)
-            server = new_grpc_server(settings, partial(_record_denial, storage))
+            availability = DatabaseAvailability(
+                engine, timeout=settings.database_timeout.total_seconds()
+            )
+            server = new_grpc_server(settings, partial(_record_denial, storage), availability)
             add_to_server(storage.service, server)
             health_servicer = add_health_and_reflection(server, [SERVICE_NAME])
             port = add_port(server, settings.listen, credentials, reuse_port=settings.reuse_port)
@@ -166,6 +170,10 @@ async def serve_workers(
                 await tg.start(run_background, storage, settings, stopping)
                 for name in (SERVICE_NAME, ""):
                     await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+                watchers = anyio.CancelScope()
+                await tg.start(
+                    watch_database, watchers, availability, health_servicer, [SERVICE_NAME]
+                )
                 log.info("workers listening on %s (port %d)", settings.listen, port)
                 task_status.started(RunningWorkers(port, storage))
                 await stop.wait()
@@ -174,5 +182,6 @@ async def serve_workers(
                     stopping.set()
                     await server.stop(settings.shutdown_grace.total_seconds())
                     await storage.objects.detached.wait_all()
+                    watchers.cancel()
     finally:
         await engine.dispose()

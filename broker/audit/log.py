@@ -48,6 +48,8 @@ from broker.audit.chain import AuditKey, Head
 from broker.audit.sinks import COLUMNS, AuditSink, AuditSinkError, AuditTuple, open_sink
 from broker.core.audit_event import AuditEvent
 from broker.core.errors import Unavailable
+from broker.db.availability import DatabaseAvailability
+from broker.db.outages import DatabaseUnavailable, is_outage
 from broker.db.tables import AuditRow
 
 log = logging.getLogger(__name__)
@@ -68,8 +70,12 @@ class AuditLog:
         max_pending: int = 10_000,
         checkpoint_every: float = 1.0,
         commit_delay: float = 0.002,
+        database_timeout: float | None = None,
+        availability: DatabaseAvailability | None = None,
     ) -> None:
         self.engine = engine
+        self._database_timeout = database_timeout
+        self._availability = availability
         self._commit_delay = commit_delay
         # Size of the last committed group: the size a group under load waits to grow back to.
         self._last_group = 0
@@ -190,7 +196,7 @@ class AuditLog:
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Commits groups until `close()` is called and everything pending is durable; writes
         the chain-head checkpoint while heads move, and on the way out (logged at INFO)."""
-        sink = open_sink(self._url)
+        sink = open_sink(self._url, self._database_timeout)
         task_status.started()
         try:
             while True:
@@ -238,11 +244,23 @@ class AuditLog:
         self._pending, self._group = [], None
         self._room.set()
         assert group is not None
+        if self._availability is not None and not self._availability.available:
+            # Known down: the group fails at once rather than wait out a connection attempt.
+            group.set_exception(DatabaseUnavailable())
+            group.exception()
+            return
         chained, head = self._chain(rows)
         try:
             await sink.write(chained)
-        except AuditSinkError:
-            log.exception("audit group commit failed (%d records); their calls fail", len(rows))
+        except AuditSinkError as exc:
+            if self._availability is not None:
+                self._availability.report(exc)
+            if is_outage(exc):
+                log.warning(
+                    "audit group commit failed (%d records): database unavailable", len(rows)
+                )
+            else:
+                log.exception("audit group commit failed (%d records); their calls fail", len(rows))
             group.set_exception(Unavailable("AUDIT_UNAVAILABLE", "the audit trail is unavailable"))
             group.exception()  # retrieved: callers that were cancelled meanwhile do not care
         else:

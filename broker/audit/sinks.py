@@ -103,27 +103,39 @@ class _SqliteSink:
 
 
 class _PostgresSink:
-    def __init__(self, dsn: str) -> None:
+    def __init__(self, dsn: str, timeout: float | None) -> None:
         self._dsn = dsn
+        self._timeout = timeout
         self._conn: Any = None
 
     async def write(self, rows: Sequence[AuditTuple]) -> None:
         try:
             if self._conn is None or self._conn.is_closed():
-                self._conn = await asyncpg.connect(self._dsn)
-            await self._conn.copy_records_to_table("audit_records", records=rows, columns=COLUMNS)
+                self._conn = await asyncpg.connect(self._dsn, timeout=self._timeout or 60)
+            await self._conn.copy_records_to_table(
+                "audit_records", records=rows, columns=COLUMNS, timeout=self._timeout
+            )
         except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
+            # OSError includes TimeoutError. A connection that failed mid-write is in an unknown
+            # state: the next group opens a new one.
+            await self._discard()
             raise AuditSinkError(type(exc).__name__) from exc
+
+    async def _discard(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.terminate()
 
     async def close(self) -> None:
         if self._conn is not None:
             await self._conn.close()
 
 
-def open_sink(url: URL) -> AuditSink:
-    """A sink for the database at `url` (the broker's engine URL)."""
+def open_sink(url: URL, timeout: float | None = None) -> AuditSink:
+    """A sink for the database at `url` (the broker's engine URL); `timeout` bounds a PostgreSQL
+    connection attempt and each write (broker.db.engine.create_engine)."""
     if url.get_backend_name() == "sqlite":
         assert url.database
         return _SqliteSink(url.database)
     dsn = url.set(drivername="postgresql").render_as_string(hide_password=False)
-    return _PostgresSink(dsn)
+    return _PostgresSink(dsn, timeout)

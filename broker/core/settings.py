@@ -39,6 +39,9 @@ class Settings:
     reuse_port: bool = False
     # Empty: SQLite in the data directory.
     database_url: str = ""
+    # What a serving process waits for the database (a connection, a statement, a lock) before
+    # the call fails UNAVAILABLE, reason DATABASE_UNAVAILABLE (broker.db.engine).
+    database_timeout: timedelta = timedelta(seconds=2)
     cache_ttl: timedelta = timedelta(minutes=5)
     cache_max_entries: int = 100_000
     rotation_period: timedelta = timedelta(days=90)

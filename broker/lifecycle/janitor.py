@@ -14,6 +14,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from broker.core.audit_event import AuditEvent
 from broker.core.errors import KeybrokerError
+from broker.db.outages import is_outage
 from broker.lifecycle.customer_keys import CustomerKeys
 from broker.lifecycle.resources import Lifecycle
 
@@ -56,6 +57,11 @@ async def run(lifecycle: Lifecycle, customer_keys: CustomerKeys, interval: timed
             # event loop's shutdown). Shutdown waits for the pass, as it does for in-flight calls.
             with anyio.CancelScope(shield=True):
                 await tick(lifecycle, customer_keys)
-        except (SQLAlchemyError, OSError, KeybrokerError):
-            log.exception("janitor pass failed; retrying at the next tick")
+        except Exception as exc:
+            if is_outage(exc):
+                log.warning("janitor: the database is unavailable; retrying at the next tick")
+            elif isinstance(exc, SQLAlchemyError | OSError | KeybrokerError):
+                log.exception("janitor pass failed; retrying at the next tick")
+            else:
+                raise
         await anyio.sleep(interval.total_seconds())

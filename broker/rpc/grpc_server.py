@@ -6,15 +6,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import anyio
 import grpc
-from grpc_health.v1 import health, health_pb2_grpc
+from anyio.abc import TaskStatus
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from broker.core.limits import MAX_MESSAGE_BYTES
 from broker.core.settings import Settings
+from broker.db.availability import DatabaseAvailability
 from broker.rpc.authz import Record, authz_interceptors
 from broker.rpc.deadlines import DeadlineInterceptor
-from broker.rpc.interceptors import ErrorInterceptor
+from broker.rpc.interceptors import Availability, ErrorInterceptor
 
 
 def server_options(*, reuse_port: bool = False) -> list[tuple[str, Any]]:
@@ -27,13 +30,16 @@ def server_options(*, reuse_port: bool = False) -> list[tuple[str, Any]]:
     ]
 
 
-def new_grpc_server(settings: Settings, record_refusal: Record) -> grpc.aio.Server:
-    """A gRPC server as every keybroker process builds it: errors become statuses, calls are
-    bounded in time (broker.rpc.deadlines), callers are authorized when a policy is set
-    (`record_refusal` audits refusals), and messages are capped (broker.core.limits)."""
+def new_grpc_server(
+    settings: Settings, record_refusal: Record, availability: Availability | None = None
+) -> grpc.aio.Server:
+    """A gRPC server as every keybroker process builds it: errors become statuses (and, with
+    `availability`, calls are refused at once while the database is down), calls are bounded in
+    time (broker.rpc.deadlines), callers are authorized when a policy is set (`record_refusal`
+    audits refusals), and messages are capped (broker.core.limits)."""
     return grpc.aio.server(
         interceptors=[
-            ErrorInterceptor(),
+            ErrorInterceptor(availability),
             DeadlineInterceptor(
                 settings.max_unary_duration.total_seconds(),
                 settings.max_stream_duration.total_seconds(),
@@ -42,6 +48,45 @@ def new_grpc_server(settings: Settings, record_refusal: Record) -> grpc.aio.Serv
         ],
         options=server_options(reuse_port=settings.reuse_port),
     )
+
+
+async def follow_database(
+    health_servicer: health.aio.HealthServicer,
+    services: Sequence[str],
+    availability: DatabaseAvailability,
+    *,
+    task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Keeps grpc.health.v1 in step with the database until cancelled: every service (and the
+    server as a whole) NOT_SERVING while it is down, SERVING again once it answers. Watch
+    streams see both changes."""
+    task_status.started()
+    while True:
+        available = await availability.changed()
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if available
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in (*services, ""):
+            await health_servicer.set(name, status)
+
+
+async def watch_database(
+    scope: anyio.CancelScope,
+    availability: DatabaseAvailability,
+    health_servicer: health.aio.HealthServicer,
+    services: Sequence[str],
+    *,
+    task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """The database probe and the health it drives (follow_database), until `scope` is
+    cancelled (a server cancels it once drained)."""
+    with scope:
+        async with anyio.create_task_group() as tg:
+            await tg.start(availability.run)
+            await tg.start(follow_database, health_servicer, services, availability)
+            task_status.started()
 
 
 def add_health_and_reflection(

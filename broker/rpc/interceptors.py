@@ -1,15 +1,17 @@
 """The one place where exceptions become gRPC statuses.
 
 A KeybrokerError becomes its status code and client-safe message plus a google.rpc.ErrorInfo
-(reason, domain "keybroker"); anything else becomes INTERNAL with a generic message, its traceback
-going to the log and never into the reply.
+(reason, domain "keybroker"); a database outage (broker.db.outages) becomes UNAVAILABLE, reason
+DATABASE_UNAVAILABLE; anything else becomes INTERNAL with a generic message, its traceback going
+to the log and never into the reply.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 from google.protobuf import any_pb2
@@ -17,6 +19,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from broker.core.errors import ERROR_DOMAIN, KeybrokerError
+from broker.db.outages import DatabaseUnavailable, is_outage
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +42,11 @@ def internal_status() -> status_pb2.Status:
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: Exception, method: str) -> None:
     if isinstance(exc, KeybrokerError):
         status = status_proto(exc)
+    elif is_outage(exc):
+        # Not a bug: the database is stopped, unreachable, locked or full. No traceback, and no
+        # message: a driver's message can quote the statement and its parameters.
+        log.warning("%s: database unavailable (%s)", method, type(exc).__name__)
+        status = status_proto(DatabaseUnavailable())
     else:
         log.error("unexpected error in %s", method, exc_info=exc)
         status = internal_status()
@@ -88,7 +96,9 @@ def rebuild(
     `around_stream(inner, requests_stream)` when it answers with a stream; `inner` is the
     original body and `requests_stream` says whether the request side is a stream.
     (The stubs type bodies as sync callables; under grpc.aio they are coroutine functions or
-    async generator functions, hence Any.)"""
+    async generator functions, hence Any.) A streaming method whose body is a coroutine function
+    writes its messages itself (`context.write`, as grpc.health.v1's Watch does): it is wrapped
+    as a call, since wrapping it as a stream would iterate a coroutine."""
     serializers = {
         "request_deserializer": handler.request_deserializer,
         "response_serializer": handler.response_serializer,
@@ -100,48 +110,87 @@ def rebuild(
         body = around_call(handler.stream_unary, True)
         return grpc.stream_unary_rpc_method_handler(body, **serializers)
     if handler.unary_stream is not None:
-        body = around_stream(handler.unary_stream, False)
-        return grpc.unary_stream_rpc_method_handler(body, **serializers)
+        inner = handler.unary_stream
+        around = around_stream if inspect.isasyncgenfunction(inner) else around_call
+        return grpc.unary_stream_rpc_method_handler(around(inner, False), **serializers)
     assert handler.stream_stream is not None
-    body = around_stream(handler.stream_stream, True)
-    return grpc.stream_stream_rpc_method_handler(body, **serializers)
+    inner = handler.stream_stream
+    around = around_stream if inspect.isasyncgenfunction(inner) else around_call
+    return grpc.stream_stream_rpc_method_handler(around(inner, True), **serializers)
+
+
+class Availability(Protocol):
+    """What the server knows of its database (broker.db.availability.DatabaseAvailability)."""
+
+    def check(self) -> None:
+        """Raises (DatabaseUnavailable) while the database is known to be down."""
+
+    def report(self, exc: BaseException) -> None:
+        """Learns from a failure a call met (an outage takes the database down)."""
+
+
+GATED_PREFIX = "/keybroker."
+"""keybroker's own RPCs need the database (each is audited); health and reflection do not."""
+UNGATED = frozenset({"/keybroker.v1.KeyBroker/GetStatus"})
+"""Answers from memory, so that it works while the database does not."""
 
 
 class ErrorInterceptor(WrappingInterceptor):
-    """Translates exceptions raised by handlers (see the module docstring)."""
+    """Translates exceptions raised by handlers (see the module docstring). With `availability`,
+    a call that needs the database is refused at once while the database is known to be down,
+    and every failure is reported to it."""
+
+    def __init__(self, availability: Availability | None = None) -> None:
+        super().__init__()
+        self._availability = availability
 
     def wrap(
         self, handler: grpc.RpcMethodHandler[Any, Any], method: str
     ) -> grpc.RpcMethodHandler[Any, Any]:
+        gate = self._availability
+        if gate is not None and (not method.startswith(GATED_PREFIX) or method in UNGATED):
+            gate = None
+        report = self._availability.report if self._availability is not None else None
         return rebuild(
             handler,
-            lambda inner, _: _translating_call(inner, method),
-            lambda inner, _: _translating_stream(inner, method),
+            lambda inner, _: _translating_call(inner, method, gate, report),
+            lambda inner, _: _translating_stream(inner, method, gate, report),
         )
 
 
-def _translating_call(inner: Any, method: str) -> Any:
+Report = Callable[[BaseException], None] | None
+
+
+def _translating_call(inner: Any, method: str, gate: Availability | None, report: Report) -> Any:
     async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         try:
+            if gate is not None:
+                gate.check()
             return await inner(request, context)
         except grpc.aio.AbortError:
             raise
         except Exception as exc:  # noqa: BLE001 -- the one place that must catch everything
+            if report is not None:
+                report(exc)
             await _abort(context, exc, method)
 
     return call
 
 
-def _translating_stream(inner: Any, method: str) -> Any:
+def _translating_stream(inner: Any, method: str, gate: Availability | None, report: Report) -> Any:
     async def stream(
         request: Any, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[Any]:
         try:
+            if gate is not None:
+                gate.check()
             async for item in inner(request, context):
                 yield item
         except grpc.aio.AbortError:
             raise
         except Exception as exc:  # noqa: BLE001 -- the one place that must catch everything
+            if report is not None:
+                report(exc)
             await _abort(context, exc, method)
 
     return stream

@@ -28,6 +28,7 @@ from broker.core.clock import Clock, utc_now
 from broker.core.errors import Unavailable
 from broker.core.settings import Settings
 from broker.db import schema
+from broker.db.availability import DatabaseAvailability
 from broker.db.engine import create_engine, session_factory
 from broker.keys.data_keys import DataKeys
 from broker.keys.key_cache import KeyCache
@@ -41,7 +42,7 @@ from broker.lifecycle.customer_keys import CustomerKeys
 from broker.lifecycle.resources import Lifecycle, LifecyclePolicy
 from broker.providers.registry import ProviderRegistry, registry_from_settings
 from broker.rpc import tls
-from broker.rpc.grpc_server import add_health_and_reflection, new_grpc_server
+from broker.rpc.grpc_server import add_health_and_reflection, new_grpc_server, watch_database
 from broker.rpc.listen import add_port, refuse_taken
 from broker.service.key_broker import VERSION, KeyBrokerService
 
@@ -62,6 +63,7 @@ class Broker:
     lifecycle: Lifecycle
     customer_keys: CustomerKeys
     service: KeyBrokerService
+    availability: DatabaseAvailability
 
 
 async def build_broker(
@@ -73,10 +75,13 @@ async def build_broker(
     """Builds the broker over a migrated database (checks the master key against it)."""
     sessions = session_factory(engine)
     master = await open_master_key(settings, sessions)
+    availability = DatabaseAvailability(engine, timeout=settings.database_timeout.total_seconds())
     audit = AuditLog(
         engine,
+        availability=availability,
         max_pending=settings.audit_max_pending,
         commit_delay=settings.audit_commit_delay.total_seconds(),
+        database_timeout=settings.database_timeout.total_seconds(),
     )
     audit_key = await open_audit_key(sessions, master, now())
     audit.use_key(audit_key, checkpoint_path(settings.data_dir, audit.writer))
@@ -118,7 +123,9 @@ async def build_broker(
         sessions, keys, lifecycle, audit, settings.cmk_cutoff, settings.cmk_poll_interval, now
     )
     service = KeyBrokerService(lifecycle, customer_keys, DataKeys(keys), audit, status)
-    return Broker(engine, sessions, master, audit, keys, lifecycle, customer_keys, service)
+    return Broker(
+        engine, sessions, master, audit, keys, lifecycle, customer_keys, service, availability
+    )
 
 
 class CoServed(Protocol):
@@ -198,7 +205,7 @@ async def _serve(
     co_served: Sequence[CoServed],
     task_status: TaskStatus[Running],
 ) -> None:
-    engine = create_engine(settings.database)
+    engine = create_engine(settings.database, timeout=settings.database_timeout.total_seconds())
     try:
         if migrate:
             await schema.upgrade(engine)
@@ -206,7 +213,7 @@ async def _serve(
             await schema.require_current(engine)
         broker = await build_broker(settings, engine, now, providers)
         credentials = tls.listen_credentials(settings)
-        server = new_grpc_server(settings, broker.audit.record)
+        server = new_grpc_server(settings, broker.audit.record, broker.availability)
         pb_grpc.add_KeyBrokerServicer_to_server(broker.service, server)
         services = [SERVICE_NAME]
         port = add_port(server, settings.listen, credentials, reuse_port=settings.reuse_port)
@@ -220,6 +227,8 @@ async def _serve(
                 await tg.start(front_end.run)
             for name in (*services, ""):
                 await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+            watchers = anyio.CancelScope()  # ended once drained, like the janitor
+            await tg.start(watch_database, watchers, broker.availability, health_servicer, services)
             janitor_scope = anyio.CancelScope()
 
             async def run_janitor() -> None:
@@ -242,6 +251,7 @@ async def _serve(
                 for front_end in co_served:
                     await front_end.drained()
                 janitor_scope.cancel()
+                watchers.cancel()
                 broker.audit.close()  # audit.run returns once everything pending is durable
             with anyio.CancelScope(shield=True):
                 await broker.keys.providers.aclose()

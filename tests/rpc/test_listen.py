@@ -23,7 +23,8 @@ from broker.core.settings import Settings
 from broker.rpc.grpc_server import server_options
 from broker.rpc.listen import add_port
 from tests.harness import free_port, refusal, running_broker
-from tests.system.test_process import KEYBROKER, start_up, wait_serving
+from tests.processes import KEYBROKER
+from tests.system.test_process import start_up, wait_serving
 
 
 @contextmanager

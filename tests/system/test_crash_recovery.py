@@ -8,165 +8,36 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager, closing, contextmanager
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import closing, contextmanager
 from functools import partial
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from broker.api import key_broker_pb2 as pb
-from broker.api import key_broker_pb2_grpc as pb_grpc
 from broker.api import storage_pb2 as spb
-from broker.api import storage_pb2_grpc as spb_grpc
-from tests.harness import assert_error, free_port
-from tests.system.test_process import KEYBROKER
+from tests.harness import assert_error
+from tests.processes import (
+    ENV,
+    KEY_BROKER,
+    KEYBROKER,
+    download,
+    keybroker,
+    stubs,
+    upload,
+    upload_requests,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio]
 
-STORAGE = "keybroker.v1.Storage"
-KEY_BROKER = "keybroker.v1.KeyBroker"
 TEMP_PREFIX = ".tmp-"  # workers.fs_blobs: a write in progress
 V1 = "resources/r1/resourceKeys/models/versions/1"
 V2 = "resources/r1/resourceKeys/models/versions/2"
-ENV = {
-    # A killed runner's lease must expire promptly: the lease is stored as an absolute time, so
-    # the run that is killed must already use the short lease (the restart's setting does not
-    # shorten a lease taken before).
-    "KEYBROKER_JOB_LEASE": "1s",
-    "KEYBROKER_JOB_POLL_INTERVAL": "50ms",
-    "KEYBROKER_SHUTDOWN_GRACE": "2s",
-    "KEYBROKER_LOG_LEVEL": "WARNING",
-}
-
-
-# -- processes ------------------------------------------------------------------------------------
-
-
-class Process:
-    """A keybroker subprocess whose output goes to a log file (a pipe nobody reads could fill
-    up and stall it)."""
-
-    def __init__(self, proc: asyncio.subprocess.Process, log: Path, port: int) -> None:
-        self.proc = proc
-        self.log = log
-        self.port = port
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")[-4000:]
-
-    async def wait(self, within: float = 30) -> int:
-        return await asyncio.wait_for(self.proc.wait(), within)
-
-    async def kill(self) -> None:
-        if self.proc.returncode is None:
-            self.proc.kill()
-            await self.proc.wait()
-
-    async def terminate(self, within: float = 15) -> int:
-        """SIGTERM, then the exit code; fails if the process has not exited `within` seconds."""
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return await self.wait(within)
-        except TimeoutError:
-            raise AssertionError(f"no exit {within:.0f}s after SIGTERM\n{self.output()}") from None
-
-
-def _open_log(path: Path) -> IO[bytes]:
-    return path.open("ab")
-
-
-@asynccontextmanager
-async def keybroker(
-    tmp_path: Path, command: str, data_dir: Path, *extra: str, service: str = STORAGE
-) -> AsyncIterator[Process]:
-    """Runs `keybroker COMMAND` on a free loopback port until it serves `service`; kills it on
-    the way out if it still runs."""
-    port = free_port()
-    log = tmp_path / f"{command}-{port}.log"
-    with _open_log(log) as out:
-        proc = await asyncio.create_subprocess_exec(
-            *KEYBROKER,
-            command,
-            "--data-dir",
-            str(data_dir),
-            "--listen",
-            f"127.0.0.1:{port}",
-            *extra,
-            stdout=out,
-            stderr=out,
-            env={**os.environ, **ENV},
-        )
-    process = Process(proc, log, port)
-    try:
-        await wait_serving(process, service)
-        yield process
-    finally:
-        await process.kill()
-
-
-async def wait_serving(process: Process, service: str) -> None:
-    deadline = time.monotonic() + 30
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{process.port}") as channel:
-        stub: Any = health_pb2_grpc.HealthStub(channel)
-        while True:
-            assert process.proc.returncode is None, process.output()
-            try:
-                reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.aio.AioRpcError:
-                pass
-            assert time.monotonic() < deadline, f"{service} did not start\n{process.output()}"
-            await asyncio.sleep(0.05)
-
-
-@asynccontextmanager
-async def stubs(port: int) -> AsyncIterator[tuple[Any, Any]]:
-    """(KeyBroker stub, Storage stub) on one channel."""
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        yield pb_grpc.KeyBrokerStub(channel), spb_grpc.StorageStub(channel)
-
-
-# -- data -----------------------------------------------------------------------------------------
-
-
-def upload_requests(
-    name: str, data: bytes, chunk: int, pause: float = 0, sent: list[int] | None = None
-) -> AsyncIterator[spb.UploadModelRequest]:
-    async def gen() -> AsyncIterator[spb.UploadModelRequest]:
-        yield spb.UploadModelRequest(header=spb.UploadModelRequest.Header(name=name))
-        for i in range(0, len(data), chunk):
-            yield spb.UploadModelRequest(chunk=data[i : i + chunk])
-            if sent is not None:
-                sent[0] += 1
-            if pause:
-                await asyncio.sleep(pause)
-
-    return gen()
-
-
-async def upload(storage: Any, name: str, data: bytes) -> spb.Model:
-    reply: spb.UploadModelResponse = await storage.UploadModel(
-        upload_requests(name, data, 64 * 1024)
-    )
-    return reply.model
-
-
-async def download(storage: Any, name: str) -> tuple[spb.Model, bytes]:
-    model, parts = spb.Model(), []
-    async for message in storage.DownloadModel(spb.DownloadModelRequest(name=name)):
-        if message.WhichOneof("part") == "model":
-            model = message.model
-        else:
-            parts.append(message.chunk)
-    return model, b"".join(parts)
 
 
 async def bounded(calls: list[Callable[[], Awaitable[Any]]], limit: int = 32) -> list[Any]:

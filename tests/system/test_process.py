@@ -6,7 +6,6 @@ import asyncio
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -18,8 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from broker.api import key_broker_pb2 as pb
 from broker.api import key_broker_pb2_grpc as pb_grpc
 from tests.harness import free_port
-
-KEYBROKER = [sys.executable, "-m", "broker.cli"]
+from tests.processes import KEYBROKER
 
 
 def start_up(data_dir: Path, port: int, *extra: str) -> subprocess.Popen[str]:
