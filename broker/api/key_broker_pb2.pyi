@@ -1379,8 +1379,12 @@ class GetStatusResponse(_message.Message):
     MASTER_KEY_ID_FIELD_NUMBER: _builtins.int
     ENCRYPTION_FIELD_NUMBER: _builtins.int
     KEY_CACHE_FIELD_NUMBER: _builtins.int
+    CUSTOMER_KEY_PROBE_FIELD_NUMBER: _builtins.int
     healthz: _builtins.str
-    """"ok" when the broker can serve data keys."""
+    """"ok" when the broker can serve data keys (of the named resource, when name was given);
+    otherwise what stands in the way, e.g. "database unavailable", or "customer-managed key
+    unavailable (CUSTOMER_KEY_UNAVAILABLE)" while the named resource's key probe fails.
+    """
     version: _builtins.str
     """The broker's version."""
     master_key_id: _builtins.str
@@ -1393,6 +1397,13 @@ class GetStatusResponse(_message.Message):
     def key_cache(self) -> Global___KeyCacheStats:
         """This broker process's resource-key cache since it started."""
 
+    @_builtins.property
+    def customer_key_probe(self) -> Global___CustomerKeyProbe:
+        """When name was given and the resource has a customer-managed key: this process's latest
+        check of that key (a background wrap + unwrap every KEYBROKER_CMK_PROBE_INTERVAL, or the
+        latest data-key call that needed the vault). Unset until the key was first checked.
+        """
+
     def __init__(
         self,
         *,
@@ -1401,14 +1412,59 @@ class GetStatusResponse(_message.Message):
         master_key_id: _builtins.str = ...,
         encryption: _abc.Iterable[Global___PurposeEncryption] | None = ...,
         key_cache: Global___KeyCacheStats | None = ...,
+        customer_key_probe: Global___CustomerKeyProbe | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["key_cache", b"key_cache"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["customer_key_probe", b"customer_key_probe", "key_cache", b"key_cache"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["encryption", b"encryption", "healthz", b"healthz", "key_cache", b"key_cache", "master_key_id", b"master_key_id", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["customer_key_probe", b"customer_key_probe", "encryption", b"encryption", "healthz", b"healthz", "key_cache", b"key_cache", "master_key_id", b"master_key_id", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetStatusResponse: _TypeAlias = GetStatusResponse  # noqa: Y015
+
+@_typing.final
+class CustomerKeyProbe(_message.Message):
+    """The latest check of a customer-managed key by one broker process."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    OK_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    CHECK_TIME_FIELD_NUMBER: _builtins.int
+    AGE_FIELD_NUMBER: _builtins.int
+    key_id: _builtins.str
+    """The versioned key id checked."""
+    ok: _builtins.bool
+    """Whether the key wrapped and unwrapped."""
+    reason: _builtins.str
+    """When not ok: the ErrorInfo reason data-key calls get (CUSTOMER_KEY_UNAVAILABLE,
+    CUSTOMER_KEY_VAULT_UNAVAILABLE, ...).
+    """
+    @_builtins.property
+    def check_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was checked."""
+
+    @_builtins.property
+    def age(self) -> _duration_pb2.Duration:
+        """How long before this status was built."""
+
+    def __init__(
+        self,
+        *,
+        key_id: _builtins.str = ...,
+        ok: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+        check_time: _timestamp_pb2.Timestamp | None = ...,
+        age: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["age", b"age", "check_time", b"check_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["age", b"age", "check_time", b"check_time", "key_id", b"key_id", "ok", b"ok", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CustomerKeyProbe: _TypeAlias = CustomerKeyProbe  # noqa: Y015
 
 @_typing.final
 class KeyCacheStats(_message.Message):

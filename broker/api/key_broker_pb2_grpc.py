@@ -285,7 +285,10 @@ class KeyBrokerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetStatus(self, request, context):
-        """Health and the current key ids; answered from memory, cheap enough to poll.
+        """Health and the current key ids; cheap enough to poll. Without a name it is answered from
+        memory (no SQL, no vault), is not audited, and answers while the database is down; with a
+        name it reads that resource (and is audited) but never calls the customer's vault: it
+        reports the latest check of the resource's customer-managed key instead.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -86,7 +86,11 @@ class KeyBrokerStub:
     BatchDecryptDataKeys: _grpc.UnaryUnaryMultiCallable[_key_broker_pb2.BatchDecryptDataKeysRequest, _key_broker_pb2.BatchDecryptDataKeysResponse]
     BatchRewrapDataKeys: _grpc.UnaryUnaryMultiCallable[_key_broker_pb2.BatchRewrapDataKeysRequest, _key_broker_pb2.BatchRewrapDataKeysResponse]
     GetStatus: _grpc.UnaryUnaryMultiCallable[_key_broker_pb2.GetStatusRequest, _key_broker_pb2.GetStatusResponse]
-    """Health and the current key ids; answered from memory, cheap enough to poll."""
+    """Health and the current key ids; cheap enough to poll. Without a name it is answered from
+    memory (no SQL, no vault), is not audited, and answers while the database is down; with a
+    name it reads that resource (and is audited) but never calls the customer's vault: it
+    reports the latest check of the resource's customer-managed key instead.
+    """
     ListAuditRecords: _grpc.UnaryUnaryMultiCallable[_key_broker_pb2.ListAuditRecordsRequest, _key_broker_pb2.ListAuditRecordsResponse]
     """For auditors: a resource's audit trail (its own records and its objects'), oldest first,
     paged. The call itself is audited as a read.
@@ -144,7 +148,11 @@ class KeyBrokerAsyncStub(KeyBrokerStub):
     BatchDecryptDataKeys: _aio.UnaryUnaryMultiCallable[_key_broker_pb2.BatchDecryptDataKeysRequest, _key_broker_pb2.BatchDecryptDataKeysResponse]  # type: ignore[assignment]
     BatchRewrapDataKeys: _aio.UnaryUnaryMultiCallable[_key_broker_pb2.BatchRewrapDataKeysRequest, _key_broker_pb2.BatchRewrapDataKeysResponse]  # type: ignore[assignment]
     GetStatus: _aio.UnaryUnaryMultiCallable[_key_broker_pb2.GetStatusRequest, _key_broker_pb2.GetStatusResponse]  # type: ignore[assignment]
-    """Health and the current key ids; answered from memory, cheap enough to poll."""
+    """Health and the current key ids; cheap enough to poll. Without a name it is answered from
+    memory (no SQL, no vault), is not audited, and answers while the database is down; with a
+    name it reads that resource (and is audited) but never calls the customer's vault: it
+    reports the latest check of the resource's customer-managed key instead.
+    """
     ListAuditRecords: _aio.UnaryUnaryMultiCallable[_key_broker_pb2.ListAuditRecordsRequest, _key_broker_pb2.ListAuditRecordsResponse]  # type: ignore[assignment]
     """For auditors: a resource's audit trail (its own records and its objects'), oldest first,
     paged. The call itself is audited as a read.
@@ -319,7 +327,11 @@ class KeyBrokerServicer(metaclass=_abc_1.ABCMeta):
         request: _key_broker_pb2.GetStatusRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_key_broker_pb2.GetStatusResponse, _abc.Awaitable[_key_broker_pb2.GetStatusResponse]]:
-        """Health and the current key ids; answered from memory, cheap enough to poll."""
+        """Health and the current key ids; cheap enough to poll. Without a name it is answered from
+        memory (no SQL, no vault), is not audited, and answers while the database is down; with a
+        name it reads that resource (and is audited) but never calls the customer's vault: it
+        reports the latest check of the resource's customer-managed key instead.
+        """
 
     @_abc_1.abstractmethod
     def ListAuditRecords(

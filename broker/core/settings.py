@@ -65,6 +65,8 @@ class Settings:
     cmk_cutoff: date = date(2020, 5, 11)
     # How often keys that follow their latest version are checked.
     cmk_poll_interval: timedelta = timedelta(hours=1)
+    # How often each customer key in use is probed (wrap + unwrap) in the background.
+    cmk_probe_interval: timedelta = timedelta(seconds=30)
     # How long a failed root-key call is remembered (so a revoked key is not hammered).
     cmk_failure_ttl: timedelta = timedelta(seconds=10)
     # Offer the file-backed dev vault ("dev-vault" provider; `keybroker up` turns it on).

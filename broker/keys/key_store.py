@@ -19,6 +19,7 @@ from broker.core.errors import FailedPrecondition, KeybrokerError, NotFound, Sto
 from broker.core.names import Purpose, key_version_name, resource_name
 from broker.db.tables import CustomerKeyRow, KeyRingRow, KeyVersionRow, ResourceRow
 from broker.keys import key_wrapping
+from broker.keys.customer_key_checks import CustomerKeyChecks
 from broker.keys.key_cache import KeyCache
 from broker.keys.master_key import MasterKey
 from broker.keys.roots import CustomerKeyUnavailable, Root
@@ -90,8 +91,10 @@ class KeyStore:
         master_keys: Mapping[str, MasterKey],
         cache: KeyCache[tuple[str, str, int], UsableKey],
         providers: ProviderRegistry,
+        checks: CustomerKeyChecks | None = None,
     ) -> None:
         self._sessions = sessions
+        self.checks = checks
         self._master_keys = master_keys
         self.cache = cache
         self.providers = providers
@@ -157,17 +160,32 @@ class KeyStore:
         self.root_key_calls += 1
         try:
             sealed = await root.unwrap(row.wrapped_key)
-        except CustomerKeyUnavailable:
+        except CustomerKeyUnavailable as exc:
             self.root_key_failures += 1
+            self._checked(customer, exc.reason)
             # Revocation seen here reaches every cached key of the resource at once (the
             # failures already remembered stay, so the vault is not asked again for them).
             self.cache.invalidate(lambda k: k[0] == resource_id, failures_too=False)
             raise
+        except KeybrokerError as exc:
+            self.root_key_failures += 1
+            self._checked(customer, exc.reason)
+            raise
         except Exception:
             self.root_key_failures += 1
             raise
+        self._checked(customer, None)
         key = open_resource_key(service_root, row, sealed)
         return UsableKey(version, name, AESGCMSIV(key), None)
+
+    def _checked(self, customer: KeyReference | None, reason: str | None) -> None:
+        """Records what a call under a customer-managed key saw (for GetStatus)."""
+        if customer is None or self.checks is None:
+            return
+        if reason is None:
+            self.checks.succeeded(customer.key_id)
+        else:
+            self.checks.failed(customer.key_id, reason)
 
     def root_of(
         self, resource_id: str, root_key_id: str | None, customer: KeyReference | None

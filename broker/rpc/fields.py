@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import base64
 import binascii
-from datetime import datetime
+from datetime import datetime, timedelta
 
+from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from broker.core.errors import InvalidArgument
@@ -18,6 +19,13 @@ def timestamp(value: datetime) -> Timestamp:
     ts = Timestamp()
     ts.FromDatetime(value)
     return ts
+
+
+def duration(value: timedelta) -> Duration:
+    """A protobuf Duration of a timedelta."""
+    message = Duration()
+    message.FromTimedelta(value)
+    return message
 
 
 def page_size(requested: int) -> int:

@@ -26,6 +26,7 @@ from broker.api import storage_pb2 as spb
 from broker.audit import reading
 from broker.audit.log import AuditLog
 from broker.core.audit_event import AuditEvent
+from broker.core.clock import Clock, utc_now
 from broker.core.detached import DetachedWork
 from broker.core.errors import InvalidArgument, KeybrokerError
 from broker.core.identity import call_identity
@@ -38,6 +39,7 @@ from broker.core.names import (
     parse_resource_key,
     resource_name,
 )
+from broker.keys.customer_key_checks import CustomerKeyChecks
 from broker.keys.data_keys import DataKeys
 from broker.lifecycle.customer_keys import FULL_SCOPE, LEGACY_SCOPE, CustomerKeys, check_reference
 from broker.lifecycle.resources import Lifecycle, ResourceView
@@ -130,8 +132,12 @@ class KeyBrokerService(pb_grpc.KeyBrokerServicer):
         data: DataKeys,
         audit: AuditLog,
         status: Callable[[], pb.GetStatusResponse],
+        checks: CustomerKeyChecks | None = None,
+        now: Clock = utc_now,
     ) -> None:
         self.lifecycle = lifecycle
+        self.checks = checks
+        self._now = now
         self.customer_keys = customer_keys
         self.data = data
         self.audit = audit
@@ -413,16 +419,42 @@ class KeyBrokerService(pb_grpc.KeyBrokerServicer):
 
     # -- status ------------------------------------------------------------------------------
 
-    @audited("GetStatus")
     async def GetStatus(
+        self, request: pb.GetStatusRequest, context: Context
+    ) -> pb.GetStatusResponse:
+        """Without a name: the process's status, from counters and flags it keeps in memory
+        (no SQL, no vault), not audited: a health probe, polled, that must answer while the
+        database is down. With a name: the resource's status, audited (_resource_status)."""
+        if request.name:
+            return await self._resource_status(request, context)
+        return self._status()
+
+    @audited("GetStatus")
+    async def _resource_status(
         self, request: pb.GetStatusRequest, context: Context, event: AuditEvent
     ) -> pb.GetStatusResponse:
+        resource_id = parse_resource(request.name)
+        event.resource = request.name
+        view = await self.lifecycle.get_resource(resource_id)
         response = self._status()
-        if request.name:
-            resource_id = parse_resource(request.name)
-            event.resource = request.name
-            view = await self.lifecycle.get_resource(resource_id)
-            response.encryption.extend(_resource(view).encryption)
+        encryption = _resource(view).encryption
+        response.encryption.extend(encryption)
+        customer = next(
+            (e.root_key_id for e in encryption if e.key_source == pb.CUSTOMER_MANAGED), None
+        )
+        check = self.checks.get(customer) if customer and self.checks else None
+        if check is not None:
+            response.customer_key_probe.CopyFrom(
+                pb.CustomerKeyProbe(
+                    key_id=check.key_id,
+                    ok=check.ok,
+                    reason=check.reason,
+                    check_time=fields.timestamp(check.time),
+                    age=fields.duration(self._now() - check.time),
+                )
+            )
+            if not check.ok and response.healthz == "ok":
+                response.healthz = f"customer-managed key unavailable ({check.reason})"
         return response
 
     # -- the audit trail ---------------------------------------------------------------------

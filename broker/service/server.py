@@ -30,6 +30,7 @@ from broker.core.settings import Settings
 from broker.db import schema
 from broker.db.availability import DatabaseAvailability
 from broker.db.engine import create_engine, session_factory
+from broker.keys.customer_key_checks import CustomerKeyChecks
 from broker.keys.data_keys import DataKeys
 from broker.keys.key_cache import KeyCache
 from broker.keys.key_store import KeyStore, UsableKey
@@ -37,7 +38,7 @@ from broker.keys.master_key import MasterKey
 from broker.keys.master_key_pkcs11 import MasterKeyUnavailable
 from broker.keys.master_key_setup import open_master_key
 from broker.keys.roots import CustomerKeyUnavailable
-from broker.lifecycle import janitor
+from broker.lifecycle import customer_key_probes, janitor
 from broker.lifecycle.customer_keys import CustomerKeys
 from broker.lifecycle.resources import Lifecycle, LifecyclePolicy
 from broker.providers.registry import ProviderRegistry, registry_from_settings
@@ -96,7 +97,11 @@ async def build_broker(
         ),
     )
     keys = KeyStore(
-        sessions, {master.key_id: master}, cache, providers or registry_from_settings(settings)
+        sessions,
+        {master.key_id: master},
+        cache,
+        providers or registry_from_settings(settings),
+        CustomerKeyChecks(now),
     )
     policy = LifecyclePolicy(
         rotation_period=settings.rotation_period,
@@ -115,14 +120,17 @@ async def build_broker(
             root_key_failures=keys.root_key_failures,
             entries=len(cache),
         )
+        healthz = "ok" if availability.available else "database unavailable"
         return pb.GetStatusResponse(
-            healthz="ok", version=VERSION, master_key_id=master.key_id, key_cache=stats
+            healthz=healthz, version=VERSION, master_key_id=master.key_id, key_cache=stats
         )
 
     customer_keys = CustomerKeys(
         sessions, keys, lifecycle, audit, settings.cmk_cutoff, settings.cmk_poll_interval, now
     )
-    service = KeyBrokerService(lifecycle, customer_keys, DataKeys(keys), audit, status)
+    service = KeyBrokerService(
+        lifecycle, customer_keys, DataKeys(keys), audit, status, keys.checks, now
+    )
     return Broker(
         engine, sessions, master, audit, keys, lifecycle, customer_keys, service, availability
     )
@@ -238,6 +246,16 @@ async def _serve(
                     )
 
             tg.start_soon(run_janitor)
+
+            probes_scope = anyio.CancelScope()
+
+            async def run_probes() -> None:
+                with probes_scope:
+                    await customer_key_probes.run(
+                        broker.sessions, broker.keys, settings.cmk_probe_interval
+                    )
+
+            tg.start_soon(run_probes)
             log.info("broker listening on %s (port %d)", settings.listen, port)
             task_status.started(Running(port, broker))
             await stop.wait()
@@ -251,6 +269,7 @@ async def _serve(
                 for front_end in co_served:
                     await front_end.drained()
                 janitor_scope.cancel()
+                probes_scope.cancel()
                 watchers.cancel()
                 broker.audit.close()  # audit.run returns once everything pending is durable
             with anyio.CancelScope(shield=True):

@@ -22,6 +22,7 @@ from sqlalchemy import text
 
 from broker.api import key_broker_pb2 as pb
 from broker.core.settings import Settings
+from broker.lifecycle import customer_key_probes
 from broker.lifecycle.janitor import tick
 from broker.providers.dev_vault import FILE_NAME, DevVaultStore
 from tests import softhsm
@@ -548,3 +549,72 @@ async def test_generating_and_decrypting_share_one_vault_call_per_key(
     status = await kb.stub.GetStatus(pb.GetStatusRequest())
     assert status.key_cache.root_key_calls - before == 1
     assert kb.running.broker.keys.root_key_calls == status.key_cache.root_key_calls
+
+
+# -- the background probe (broker.lifecycle.customer_key_probes) -------------------------------
+
+
+async def probe_round(kb: BrokerUnderTest) -> tuple[int, int]:
+    """One round of the background probe, run now instead of waiting for its interval."""
+    counts = await customer_key_probes.probe_all(kb.running.broker.sessions, kb.running.broker.keys)
+    return counts.keys, counts.failed
+
+
+async def resource_status(kb: BrokerUnderTest) -> pb.GetStatusResponse:
+    reply: pb.GetStatusResponse = await kb.stub.GetStatus(pb.GetStatusRequest(name="resources/r1"))
+    return reply
+
+
+@pytest.mark.asyncio
+async def test_a_failed_probe_reaches_warm_cached_keys_and_status_and_recovery_is_at_once(
+    kb: BrokerUnderTest, vault: CustomerVault
+) -> None:
+    await kb.stub.CreateResource(pb.CreateResourceRequest(resource_id="r1"))
+    created = vault.create_key("probed", "RSA", 2048)
+    key = vault.ref("probed", created.version)
+    await enable(kb, key)
+    keys = await data_keys(kb)
+    await assert_all_decrypt(kb, keys)  # the cache is warm now
+    assert await probe_round(kb) == (1, 0)
+    status = await resource_status(kb)
+    assert status.healthz == "ok"
+    probe = status.customer_key_probe
+    assert (probe.key_id, probe.ok, probe.reason) == (key_id_of(key), True, "")
+
+    # The customer revokes the key: the warm cache would keep serving until its TTL (5 min),
+    # but one probe round later the calls meet the revocation.
+    vault.set_enabled("probed", created.version, False)
+    await assert_all_decrypt(kb, keys)
+    assert await probe_round(kb) == (1, 1)
+    for name, wrapped, _ in keys:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await decrypt(kb, name, wrapped)
+        assert_error(err.value, grpc.StatusCode.FAILED_PRECONDITION, "CUSTOMER_KEY_UNAVAILABLE")
+    status = await resource_status(kb)
+    assert status.customer_key_probe.ok is False
+    assert status.customer_key_probe.reason == "CUSTOMER_KEY_UNAVAILABLE"
+    assert status.healthz == "customer-managed key unavailable (CUSTOMER_KEY_UNAVAILABLE)"
+    # A revoked customer key is the resource's business, not the server's.
+    assert (await kb.stub.GetStatus(pb.GetStatusRequest())).healthz == "ok"
+
+    # Access returns: the next probe clears the failure, and calls resume at once (not after
+    # the failure memory or the next probe interval).
+    vault.set_enabled("probed", created.version, True)
+    assert await probe_round(kb) == (1, 0)
+    await assert_all_decrypt(kb, keys)
+    status = await resource_status(kb)
+    assert (status.healthz, status.customer_key_probe.ok) == ("ok", True)
+
+
+@pytest.mark.asyncio
+async def test_one_probe_per_customer_key_however_many_resources_use_it(
+    kb: BrokerUnderTest, vault: CustomerVault
+) -> None:
+    created = vault.create_key("shared", "RSA", 2048)
+    key = vault.ref("shared", created.version)
+    for r in ("r1", "r2", "r3"):
+        await kb.stub.CreateResource(pb.CreateResourceRequest(resource_id=r))
+        await kb.stub.EnableCustomerManagedKey(
+            pb.EnableCustomerManagedKeyRequest(name=f"resources/{r}", key=key)
+        )
+    assert await probe_round(kb) == (1, 0)
