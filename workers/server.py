@@ -33,12 +33,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from broker.api import storage_pb2 as spb
 from broker.core.audit_event import AuditEvent
 from broker.core.errors import ConfigurationError
+from broker.core.readiness import Readiness
 from broker.core.settings import Settings
 from broker.db import schema
 from broker.db.availability import DatabaseAvailability
 from broker.db.engine import create_engine, is_postgresql, session_factory
 from broker.rpc import tls
-from broker.rpc.grpc_server import add_health_and_reflection, new_grpc_server, watch_database
+from broker.rpc.grpc_server import add_health_and_reflection, new_grpc_server, watch_readiness
 from broker.rpc.listen import add_port, refuse_taken
 from workers import retention
 from workers.audit_recorder import AuditRecorder, BrokerAuditRecorder
@@ -157,8 +158,9 @@ async def serve_workers(
         credentials = tls.listen_credentials(settings)
         async with tls.broker_channel(settings, settings.broker_address) as channel:
             storage = build_storage(settings, engine, channel, now)
+            readiness = Readiness()
             availability = DatabaseAvailability(
-                engine, timeout=settings.database_timeout.total_seconds()
+                engine, timeout=settings.database_timeout.total_seconds(), readiness=readiness
             )
             server = new_grpc_server(settings, partial(_record_denial, storage), availability)
             add_to_server(storage.service, server)
@@ -172,7 +174,12 @@ async def serve_workers(
                     await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
                 watchers = anyio.CancelScope()
                 await tg.start(
-                    watch_database, watchers, availability, health_servicer, [SERVICE_NAME]
+                    watch_readiness,
+                    watchers,
+                    [availability.run],
+                    readiness,
+                    health_servicer,
+                    [SERVICE_NAME],
                 )
                 log.info("workers listening on %s (port %d)", settings.listen, port)
                 task_status.started(RunningWorkers(port, storage))

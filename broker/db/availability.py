@@ -3,8 +3,8 @@ and kept true by a probe.
 
 Once any call meets an outage (broker.db.outages), the flag goes down: calls that need the
 database are then refused at once (UNAVAILABLE, DATABASE_UNAVAILABLE) instead of each waiting out
-its own timeout behind the others, and whoever awaits `changed()` learns of it (the health
-service: NOT_SERVING). A probe
+its own timeout behind the others, and the process is not ready (broker.core.readiness: the
+health service turns NOT_SERVING). A probe
 (`SELECT 1`, bounded by the database timeout) runs every `down_interval` while it is down and sets
 it up again on its first answer, so calls work again within about a second of the database; while
 up, the probe runs every `up_interval`, so an idle process notices an outage too.
@@ -19,9 +19,13 @@ from anyio.abc import TaskStatus
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from broker.core.readiness import Readiness
 from broker.db.outages import DatabaseUnavailable, is_lock_timeout, is_outage
 
 log = logging.getLogger(__name__)
+
+CONDITION = "database"
+"""Its name among the process's readiness conditions (broker.core.readiness)."""
 
 
 class DatabaseAvailability:
@@ -34,20 +38,15 @@ class DatabaseAvailability:
         timeout: float,
         up_interval: float = 5.0,
         down_interval: float = 0.5,
+        readiness: Readiness | None = None,
     ) -> None:
         self._engine = engine
         self._timeout = timeout
         self._up_interval = up_interval
         self._down_interval = down_interval
         self._wake = anyio.Event()
-        self._changed = anyio.Event()
+        self._readiness = readiness
         self.available = True
-
-    async def changed(self) -> bool:
-        """Waits for the next change; returns the state then (changes close together may be
-        seen as one: the state returned is the latest)."""
-        await self._changed.wait()
-        return self.available
 
     def check(self) -> None:
         """Raises DatabaseUnavailable while the database is known to be down."""
@@ -90,5 +89,5 @@ class DatabaseAvailability:
         else:
             log.warning("the database is unavailable: refusing calls that need it until it answers")
             self._wake.set()  # probe soon, at the down interval
-        changed, self._changed = self._changed, anyio.Event()
-        changed.set()
+        if self._readiness is not None:
+            self._readiness.set(CONDITION, available)

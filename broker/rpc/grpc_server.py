@@ -3,7 +3,7 @@ grpc.health.v1 and reflection services every server offers beside its own."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 import anyio
@@ -13,8 +13,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from broker.core.limits import MAX_MESSAGE_BYTES
+from broker.core.readiness import Readiness
 from broker.core.settings import Settings
-from broker.db.availability import DatabaseAvailability
 from broker.rpc.authz import Record, authz_interceptors
 from broker.rpc.deadlines import DeadlineInterceptor
 from broker.rpc.interceptors import Availability, ErrorInterceptor
@@ -50,19 +50,19 @@ def new_grpc_server(
     )
 
 
-async def follow_database(
+async def follow_readiness(
     health_servicer: health.aio.HealthServicer,
     services: Sequence[str],
-    availability: DatabaseAvailability,
+    readiness: Readiness,
     *,
     task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Keeps grpc.health.v1 in step with the database until cancelled: every service (and the
-    server as a whole) NOT_SERVING while it is down, SERVING again once it answers. Watch
-    streams see both changes."""
+    """Keeps grpc.health.v1 in step with the process's readiness until cancelled: every service
+    (and the server as a whole) NOT_SERVING while a condition fails (the database, the master
+    key), SERVING again once none does. Watch streams see both changes."""
     task_status.started()
     while True:
-        available = await availability.changed()
+        available = await readiness.changed()
         status = (
             health_pb2.HealthCheckResponse.SERVING
             if available
@@ -72,20 +72,23 @@ async def follow_database(
             await health_servicer.set(name, status)
 
 
-async def watch_database(
+async def watch_readiness(
     scope: anyio.CancelScope,
-    availability: DatabaseAvailability,
+    checks: Sequence[Callable[..., Coroutine[Any, Any, None]]],
+    readiness: Readiness,
     health_servicer: health.aio.HealthServicer,
     services: Sequence[str],
     *,
     task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    """The database probe and the health it drives (follow_database), until `scope` is
-    cancelled (a server cancels it once drained)."""
+    """The background checks that keep `readiness` up to date (each started with task_status)
+    and the health they drive (follow_readiness), until `scope` is cancelled (a server cancels
+    it once drained)."""
     with scope:
         async with anyio.create_task_group() as tg:
-            await tg.start(availability.run)
-            await tg.start(follow_database, health_servicer, services, availability)
+            for check in checks:
+                await tg.start(check)
+            await tg.start(follow_readiness, health_servicer, services, readiness)
             task_status.started()
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Protocol
 
 import anyio
@@ -26,10 +27,12 @@ from broker.audit.log import AuditLog
 from broker.core import data_dir_lock
 from broker.core.clock import Clock, utc_now
 from broker.core.errors import Unavailable
+from broker.core.readiness import Readiness
 from broker.core.settings import Settings
 from broker.db import schema
 from broker.db.availability import DatabaseAvailability
 from broker.db.engine import create_engine, session_factory
+from broker.keys import master_key_check
 from broker.keys.customer_key_checks import CustomerKeyChecks
 from broker.keys.data_keys import DataKeys
 from broker.keys.key_cache import KeyCache
@@ -43,7 +46,7 @@ from broker.lifecycle.customer_keys import CustomerKeys
 from broker.lifecycle.resources import Lifecycle, LifecyclePolicy
 from broker.providers.registry import ProviderRegistry, registry_from_settings
 from broker.rpc import tls
-from broker.rpc.grpc_server import add_health_and_reflection, new_grpc_server, watch_database
+from broker.rpc.grpc_server import add_health_and_reflection, new_grpc_server, watch_readiness
 from broker.rpc.listen import add_port, refuse_taken
 from broker.service.key_broker import VERSION, KeyBrokerService
 
@@ -65,6 +68,7 @@ class Broker:
     customer_keys: CustomerKeys
     service: KeyBrokerService
     availability: DatabaseAvailability
+    readiness: Readiness
 
 
 async def build_broker(
@@ -76,7 +80,10 @@ async def build_broker(
     """Builds the broker over a migrated database (checks the master key against it)."""
     sessions = session_factory(engine)
     master = await open_master_key(settings, sessions)
-    availability = DatabaseAvailability(engine, timeout=settings.database_timeout.total_seconds())
+    readiness = Readiness()
+    availability = DatabaseAvailability(
+        engine, timeout=settings.database_timeout.total_seconds(), readiness=readiness
+    )
     audit = AuditLog(
         engine,
         availability=availability,
@@ -120,7 +127,9 @@ async def build_broker(
             root_key_failures=keys.root_key_failures,
             entries=len(cache),
         )
-        healthz = "ok" if availability.available else "database unavailable"
+        healthz = (
+            "ok" if readiness.serving else ", ".join(f"{c} unavailable" for c in readiness.failing)
+        )
         return pb.GetStatusResponse(
             healthz=healthz, version=VERSION, master_key_id=master.key_id, key_cache=stats
         )
@@ -132,7 +141,16 @@ async def build_broker(
         lifecycle, customer_keys, DataKeys(keys), audit, status, keys.checks, now
     )
     return Broker(
-        engine, sessions, master, audit, keys, lifecycle, customer_keys, service, availability
+        engine,
+        sessions,
+        master,
+        audit,
+        keys,
+        lifecycle,
+        customer_keys,
+        service,
+        availability,
+        readiness,
     )
 
 
@@ -236,7 +254,13 @@ async def _serve(
             for name in (*services, ""):
                 await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
             watchers = anyio.CancelScope()  # ended once drained, like the janitor
-            await tg.start(watch_database, watchers, broker.availability, health_servicer, services)
+            checks = [
+                broker.availability.run,
+                partial(master_key_check.run, broker.master, broker.readiness),
+            ]
+            await tg.start(
+                watch_readiness, watchers, checks, broker.readiness, health_servicer, services
+            )
             janitor_scope = anyio.CancelScope()
 
             async def run_janitor() -> None:

@@ -15,11 +15,12 @@ import grpc
 import pytest
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pkcs11 import Attribute, ObjectClass
 
 from broker.api import key_broker_pb2 as pb
 from broker.core.settings import Settings
-from broker.keys import master_key_pkcs11
+from broker.keys import master_key_check, master_key_pkcs11
 from tests import softhsm
 from tests.harness import assert_error, audit_rows, refusal, running_broker
 from tests.keys.test_master_key import (
@@ -269,3 +270,41 @@ def test_token_aead_is_aes_gcm(softhsm_token: str) -> None:
         key.aead.decrypt(nonce, sealed, b"other")
     assert master_key_pkcs11.next_version([b"\x01", b"\xff"]) == b"\x01\x00"
     assert master_key_pkcs11.next_version([b"\x01\x00", b"\xff"]) == b"\x01\x01"
+
+
+@pytest.mark.asyncio
+async def test_a_master_key_switched_off_turns_health_not_serving_until_it_opens_again(
+    hsm_settings: Settings,
+) -> None:
+    """The background check (broker.keys.master_key_check), run here once instead of waiting for
+    its interval: health and the name-less GetStatus follow the key, both ways."""
+    async with running_broker(hsm_settings) as broker:
+        b = broker.running.broker
+        health: Any = health_pb2_grpc.HealthStub(broker.channel)
+        request = health_pb2.HealthCheckRequest(service="keybroker.v1.KeyBroker")
+        assert master_key_check.check_once(b.master, b.readiness)
+        assert (await health.Check(request)).status == health_pb2.HealthCheckResponse.SERVING
+
+        set_usable(hsm_settings, "01", False)
+        try:
+            assert not master_key_check.check_once(b.master, b.readiness)
+            await health_becomes(health, request, health_pb2.HealthCheckResponse.NOT_SERVING)
+            status = await broker.stub.GetStatus(pb.GetStatusRequest())
+            assert status.healthz == "master key unavailable"
+        finally:
+            set_usable(hsm_settings, "01", True)
+
+        assert master_key_check.check_once(b.master, b.readiness)
+        await health_becomes(health, request, health_pb2.HealthCheckResponse.SERVING)
+        assert (await broker.stub.GetStatus(pb.GetStatusRequest())).healthz == "ok"
+
+
+async def health_becomes(health: Any, request: Any, expected: int) -> None:
+    """Health reaches `expected` (the server's health task applies a change within moments)."""
+    seen = None
+    for _ in range(200):
+        seen = (await health.Check(request)).status
+        if seen == expected:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"health stayed {seen}, expected {expected}")
