@@ -9,8 +9,9 @@ import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import IO, Any
 
@@ -74,10 +75,15 @@ def _open_log(path: Path) -> IO[bytes]:
 
 @asynccontextmanager
 async def keybroker(
-    tmp_path: Path, command: str, data_dir: Path, *extra: str, service: str = STORAGE
+    tmp_path: Path,
+    command: str,
+    data_dir: Path,
+    *extra: str,
+    service: str = STORAGE,
+    env: dict[str, str] | None = None,
 ) -> AsyncIterator[Process]:
     """Runs `keybroker COMMAND` on a free loopback port until it serves `service`; kills it on
-    the way out if it still runs."""
+    the way out if it still runs. `env` adds to (or overrides) ENV."""
     port = free_port()
     log = tmp_path / f"{command}-{port}.log"
     with _open_log(log) as out:
@@ -91,7 +97,7 @@ async def keybroker(
             *extra,
             stdout=out,
             stderr=out,
-            env={**os.environ, **ENV},
+            env={**os.environ, **ENV, **(env or {})},
         )
     process = Process(proc, log, port)
     try:
@@ -157,3 +163,54 @@ async def download(storage: Any, name: str) -> tuple[spb.Model, bytes]:
         else:
             parts.append(message.chunk)
     return model, b"".join(parts)
+
+
+async def bounded(calls: list[Callable[[], Awaitable[Any]]], limit: int = 32) -> list[Any]:
+    gate = asyncio.Semaphore(limit)
+
+    async def one(call: Callable[[], Awaitable[Any]]) -> Any:
+        async with gate:
+            return await call()
+
+    return await asyncio.gather(*(one(c) for c in calls))
+
+
+def small_models(count: int) -> dict[str, bytes]:
+    return {f"resources/r1/models/m{i:05d}": f"model {i} ".encode() * 2 for i in range(count)}
+
+
+async def upload_all(storage: Any, models: dict[str, bytes]) -> None:
+    await bounded([partial(upload, storage, n, d) for n, d in models.items()])
+
+
+async def check_all_intact(storage: Any, models: dict[str, bytes], key_id: str) -> None:
+    """Every model downloads byte for byte, and GetModel names `key_id` as its wrapping key."""
+
+    async def check(name: str, data: bytes) -> None:
+        model, got = await download(storage, name)
+        assert got == data, name
+        assert model.key_id == key_id, (name, model.key_id)
+        got_model = (await storage.GetModel(spb.GetModelRequest(name=name))).model
+        assert got_model.key_id == key_id, (name, got_model.key_id)
+
+    await bounded([partial(check, n, d) for n, d in models.items()])
+
+
+async def wait_job(
+    storage: Any, name: str, until: Callable[[spb.Job], bool], within: float = 30, poll: float = 0
+) -> spb.Job:
+    deadline = time.monotonic() + within
+    while True:
+        job: spb.Job = (await storage.GetJob(spb.GetJobRequest(name=name))).job
+        if until(job):
+            return job
+        assert job.state != spb.Job.FAILED, job
+        assert time.monotonic() < deadline, f"job did not get there in time: {job}"
+        await asyncio.sleep(poll)
+
+
+def succeeded(job: spb.Job) -> bool:
+    return job.state == spb.Job.SUCCEEDED
+
+
+# -- the data directory on disk -------------------------------------------------------------------

@@ -121,9 +121,14 @@ class JobQueue:
     async def succeed(self, job_id: str) -> None:
         await self._update_own(job_id, state="succeeded", lease_owner=None, lease_expires=None)
 
-    async def release(self, job_id: str) -> None:
-        """Gives the job back unfinished (shutdown): the next claimant resumes it at once."""
-        await self._update_own(job_id, state="pending", lease_owner=None, lease_expires=None)
+    async def release(self, job_id: str, *, count_attempt: bool = True) -> None:
+        """Gives the job back unfinished (shutdown): the next claimant resumes it at once.
+        Without `count_attempt` (it met an outage, which is not the job's doing) the attempt
+        its claim counted is taken back, so outages never bring it nearer MAX_ATTEMPTS."""
+        values: dict[str, Any] = {"state": "pending", "lease_owner": None, "lease_expires": None}
+        if not count_attempt:
+            values["attempts"] = JobRow.attempts - 1
+        await self._update_own(job_id, **values)
 
     async def fail(self, job_id: str, attempts: int, error: str) -> None:
         """Schedules a retry with backoff, or gives up after MAX_ATTEMPTS."""

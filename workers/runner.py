@@ -134,7 +134,7 @@ async def run_one(
         elif outcome is not None:
             await queue.fail(job.id, job.attempts, type(outcome).__name__)
         elif (stopping.is_set() or gave_back) and not lease_lost:
-            await queue.release(job.id)
+            await queue.release(job.id, count_attempt=not gave_back)
 
     with anyio.CancelScope(shield=True):
         await _settle_when_possible(settle, job.id, lease, stopping)

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import grpc
 import pytest
 import pytest_asyncio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy import text
 
 from broker.api import key_broker_pb2 as pb
@@ -596,6 +597,10 @@ async def test_a_failed_probe_reaches_warm_cached_keys_and_status_and_recovery_i
     assert status.healthz == "customer-managed key unavailable (CUSTOMER_KEY_UNAVAILABLE)"
     # A revoked customer key is the resource's business, not the server's.
     assert (await kb.stub.GetStatus(pb.GetStatusRequest())).healthz == "ok"
+    health: Any = health_pb2_grpc.HealthStub(kb.channel)
+    for service in ("", "keybroker.v1.KeyBroker"):
+        reply = await health.Check(health_pb2.HealthCheckRequest(service=service))
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
     # Access returns: the next probe clears the failure, and calls resume at once (not after
     # the failure memory or the next probe interval).

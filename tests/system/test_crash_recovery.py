@@ -10,9 +10,8 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +25,16 @@ from tests.processes import (
     ENV,
     KEY_BROKER,
     KEYBROKER,
+    check_all_intact,
     download,
     keybroker,
+    small_models,
     stubs,
+    succeeded,
     upload,
+    upload_all,
     upload_requests,
+    wait_job,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio]
@@ -38,57 +42,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.asyncio]
 TEMP_PREFIX = ".tmp-"  # workers.fs_blobs: a write in progress
 V1 = "resources/r1/resourceKeys/models/versions/1"
 V2 = "resources/r1/resourceKeys/models/versions/2"
-
-
-async def bounded(calls: list[Callable[[], Awaitable[Any]]], limit: int = 32) -> list[Any]:
-    gate = asyncio.Semaphore(limit)
-
-    async def one(call: Callable[[], Awaitable[Any]]) -> Any:
-        async with gate:
-            return await call()
-
-    return await asyncio.gather(*(one(c) for c in calls))
-
-
-def small_models(count: int) -> dict[str, bytes]:
-    return {f"resources/r1/models/m{i:05d}": f"model {i} ".encode() * 2 for i in range(count)}
-
-
-async def upload_all(storage: Any, models: dict[str, bytes]) -> None:
-    await bounded([partial(upload, storage, n, d) for n, d in models.items()])
-
-
-async def check_all_intact(storage: Any, models: dict[str, bytes], key_id: str) -> None:
-    """Every model downloads byte for byte, and GetModel names `key_id` as its wrapping key."""
-
-    async def check(name: str, data: bytes) -> None:
-        model, got = await download(storage, name)
-        assert got == data, name
-        assert model.key_id == key_id, (name, model.key_id)
-        got_model = (await storage.GetModel(spb.GetModelRequest(name=name))).model
-        assert got_model.key_id == key_id, (name, got_model.key_id)
-
-    await bounded([partial(check, n, d) for n, d in models.items()])
-
-
-async def wait_job(
-    storage: Any, name: str, until: Callable[[spb.Job], bool], within: float = 30, poll: float = 0
-) -> spb.Job:
-    deadline = time.monotonic() + within
-    while True:
-        job: spb.Job = (await storage.GetJob(spb.GetJobRequest(name=name))).job
-        if until(job):
-            return job
-        assert job.state != spb.Job.FAILED, job
-        assert time.monotonic() < deadline, f"job did not get there in time: {job}"
-        await asyncio.sleep(poll)
-
-
-def succeeded(job: spb.Job) -> bool:
-    return job.state == spb.Job.SUCCEEDED
-
-
-# -- the data directory on disk -------------------------------------------------------------------
 
 
 @contextmanager
