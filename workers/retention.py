@@ -30,14 +30,12 @@ from datetime import datetime, timedelta
 
 import anyio
 from sqlalchemy import delete, select, update
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from broker.api import key_broker_pb2 as pb
 from broker.core.audit_event import AuditEvent
-from broker.core.errors import KeybrokerError
 from broker.core.names import resource_name
-from broker.db.outages import is_outage
+from broker.db.periodic import every
 from workers.audit_recorder import AuditRecorder
 from workers.blobs import BlobStore
 from workers.objects import ObjectStore
@@ -194,16 +192,6 @@ async def run(
     audit: AuditRecorder,
     interval: timedelta,
 ) -> None:
-    """Sweeps every `interval` until cancelled; a failed sweep is logged and retried."""
-    while True:
-        try:
-            with anyio.CancelScope(shield=True):  # a sweep interrupted mid-commit leaks nothing
-                await sweep(objects, blobs, sessions, audit)
-        except Exception as exc:
-            if is_outage(exc):
-                log.warning("retention sweep: the database is unavailable; retrying next tick")
-            elif isinstance(exc, SQLAlchemyError | OSError | KeybrokerError):
-                log.exception("retention sweep failed; retrying at the next tick")
-            else:
-                raise
-        await anyio.sleep(interval.total_seconds())
+    """Sweeps every `interval` until cancelled; a failed sweep is logged and retried at the next
+    tick (broker.db.periodic; a sweep interrupted mid-commit leaks nothing)."""
+    await every(interval, lambda: sweep(objects, blobs, sessions, audit), "retention sweep")

@@ -23,7 +23,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from broker.core.errors import KeybrokerError
-from broker.db.outages import is_outage
+from broker.db.periodic import every
 from broker.db.tables import CustomerKeyRow
 from broker.keys.key_store import KeyStore, customer_reference
 from broker.providers import KeyReference
@@ -94,15 +94,8 @@ async def _probe(keys: KeyStore, resource_id: str, reference: KeyReference) -> s
 async def run(
     sessions: async_sessionmaker[AsyncSession], keys: KeyStore, interval: timedelta
 ) -> None:
-    """Probes every `interval` until cancelled; a database outage waits for the next round."""
-    while True:
-        try:
-            with anyio.CancelScope(shield=True):  # a probe round ends cleanly at shutdown
-                await probe_all(sessions, keys)
-        except Exception as exc:
-            # A probe round never takes the broker down; it is tried again next round.
-            if is_outage(exc):
-                log.warning("customer key probes: the database is unavailable; next round later")
-            else:
-                log.exception("customer key probe round failed; next round later")
-        await anyio.sleep(interval.total_seconds())
+    """Probes every `interval` until cancelled; a round never takes the broker down: whatever it
+    fails with is logged and the next round tries again (broker.db.periodic)."""
+    await every(
+        interval, lambda: probe_all(sessions, keys), "customer key probes", tolerated=(Exception,)
+    )

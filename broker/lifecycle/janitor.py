@@ -10,11 +10,9 @@ import logging
 from datetime import timedelta
 
 import anyio
-from sqlalchemy.exc import SQLAlchemyError
 
 from broker.core.audit_event import AuditEvent
-from broker.core.errors import KeybrokerError
-from broker.db.outages import is_outage
+from broker.db.periodic import every
 from broker.lifecycle.customer_keys import CustomerKeys
 from broker.lifecycle.resources import Lifecycle
 
@@ -49,19 +47,5 @@ async def tick(
 
 
 async def run(lifecycle: Lifecycle, customer_keys: CustomerKeys, interval: timedelta) -> None:
-    """Ticks every `interval` until cancelled."""
-    while True:
-        try:
-            # Shielded: a pass cancelled inside a database call leaves the driver's connection
-            # half-closed (with aiosqlite, a close task that never finishes, which hangs the
-            # event loop's shutdown). Shutdown waits for the pass, as it does for in-flight calls.
-            with anyio.CancelScope(shield=True):
-                await tick(lifecycle, customer_keys)
-        except Exception as exc:
-            if is_outage(exc):
-                log.warning("janitor: the database is unavailable; retrying at the next tick")
-            elif isinstance(exc, SQLAlchemyError | OSError | KeybrokerError):
-                log.exception("janitor pass failed; retrying at the next tick")
-            else:
-                raise
-        await anyio.sleep(interval.total_seconds())
+    """Ticks every `interval` until cancelled (broker.db.periodic)."""
+    await every(interval, lambda: tick(lifecycle, customer_keys), "janitor")

@@ -2,8 +2,10 @@
 
 Nothing is connected before these are called. `serve` runs everything inside one anyio task group
 in the calling task: the gRPC server (KeyBroker, grpc.health.v1, reflection), the audit group
-committer and the janitor. When `stop` is set it drains: health turns NOT_SERVING, in-flight calls
-finish (up to the shutdown grace), the audit queue is flushed, then it returns.
+committer, the readiness checks that drive health (the database, the master key), and the
+housekeeping passes (the janitor, the customer-key probes). When `stop` is set it drains: health
+turns NOT_SERVING, in-flight calls finish (up to the shutdown grace), the audit queue is flushed,
+then it returns.
 """
 
 from __future__ import annotations
@@ -261,25 +263,25 @@ async def _serve(
             await tg.start(
                 watch_readiness, watchers, checks, broker.readiness, health_servicer, services
             )
-            janitor_scope = anyio.CancelScope()
+            housekeeping = anyio.CancelScope()  # the janitor and the key probes
 
-            async def run_janitor() -> None:
-                with janitor_scope:
-                    await janitor.run(
-                        broker.lifecycle, broker.customer_keys, settings.janitor_interval
-                    )
+            async def run_housekeeping() -> None:
+                with housekeeping:
+                    async with anyio.create_task_group() as passes:
+                        passes.start_soon(
+                            janitor.run,
+                            broker.lifecycle,
+                            broker.customer_keys,
+                            settings.janitor_interval,
+                        )
+                        passes.start_soon(
+                            customer_key_probes.run,
+                            broker.sessions,
+                            broker.keys,
+                            settings.cmk_probe_interval,
+                        )
 
-            tg.start_soon(run_janitor)
-
-            probes_scope = anyio.CancelScope()
-
-            async def run_probes() -> None:
-                with probes_scope:
-                    await customer_key_probes.run(
-                        broker.sessions, broker.keys, settings.cmk_probe_interval
-                    )
-
-            tg.start_soon(run_probes)
+            tg.start_soon(run_housekeeping)
             log.info("broker listening on %s (port %d)", settings.listen, port)
             task_status.started(Running(port, broker))
             await stop.wait()
@@ -292,8 +294,7 @@ async def _serve(
                 await broker.service.detached.wait_all()
                 for front_end in co_served:
                     await front_end.drained()
-                janitor_scope.cancel()
-                probes_scope.cancel()
+                housekeeping.cancel()
                 watchers.cancel()
                 broker.audit.close()  # audit.run returns once everything pending is durable
             with anyio.CancelScope(shield=True):
