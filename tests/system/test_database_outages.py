@@ -192,6 +192,19 @@ async def watching(port: int, service: str) -> AsyncIterator[list[int]]:
             await task
 
 
+async def answers_within(call: Callable[[], Awaitable[Any]], seconds: float) -> None:
+    """`call` succeeds within `seconds` of now (UNAVAILABLE meanwhile is the outage's tail)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            await call()
+            return
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                raise
+        await asyncio.sleep(0.1)
+
+
 async def prepare(kb: Any, storage: Any) -> Traffic:
     await kb.CreateResource(pb.CreateResourceRequest(resource_id="r1"))
     await upload(storage, MODEL, MODEL_DATA)
@@ -316,6 +329,9 @@ async def test_a_job_running_when_the_database_goes_away_ends_the_same_after_it(
             assert up.proc.returncode is None, up.output()
         finally:
             cluster.start()
+        await answers_within(
+            lambda: storage.GetJob(spb.GetJobRequest(name=started.name)), RECOVER_WITHIN
+        )
         job = await wait_job(storage, started.name, succeeded, within=60, poll=0.1)
         assert mid.state == spb.Job.RUNNING and mid.done < mid.total, f"not caught mid-way: {mid}"
         assert job.done == job.total == len(models), job
