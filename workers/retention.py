@@ -15,15 +15,16 @@ removes, and a blob that fails to go keeps its row until it goes. A row deleted 
 DeleteAnalyzeResult (with its own remove-blob job) that has also expired may be removed by
 either; both are idempotent. `sweep` returns counts, like a retention function should.
 
-Each sweep that shredded something, and each purge, is audited through an AuditRecorder
-(workers.audit_recorder): the broker's chained trail, in process or over gRPC. The record follows
-the work it reports: if it cannot be written the sweep fails (logged, and retried at the next
-tick, which finds nothing left to record for rows already shredded).
+Each sweep that shredded something, and each purge that removed objects, is audited through an
+AuditRecorder (workers.audit_recorder): the broker's chained trail, in process or over gRPC. The
+record follows the work it reports: if it cannot be written the sweep fails (logged, and retried
+at the next tick, which finds nothing left to record for rows already shredded).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -173,6 +174,8 @@ async def purge_destroyed_resources(objects: ObjectStore, audit: AuditRecorder) 
         if await objects.broker.resource_state(resource_id) != pb.Resource.DESTROYED:
             continue
         count = await objects.purge_resource(resource_id)
+        if not count:
+            continue  # another sweep purged them meanwhile: it made the record
         await _audit(audit, "PurgeResourceObjects", resource_name(resource_id), count)
         log.info("purged %d objects of destroyed %s", count, resource_name(resource_id))
         purged += count
@@ -180,7 +183,8 @@ async def purge_destroyed_resources(objects: ObjectStore, audit: AuditRecorder) 
 
 
 async def _audit(audit: AuditRecorder, operation: str, resource: str | None, count: int) -> None:
-    event = AuditEvent(operation, CALLER, f"sweep-{anyio.current_time():.0f}", resource=resource)
+    # Unique per record: two sweeps in one second (a replica's, an operator's) stay apart.
+    event = AuditEvent(operation, CALLER, f"sweep-{os.urandom(6).hex()}", resource=resource)
     event.item_count = count
     await audit.record(event)
 

@@ -115,9 +115,11 @@ class _PostgresSink:
             await self._conn.copy_records_to_table(
                 "audit_records", records=rows, columns=COLUMNS, timeout=self._timeout
             )
-        except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
-            # OSError includes TimeoutError. A connection that failed mid-write is in an unknown
-            # state: the next group opens a new one.
+        except Exception as exc:
+            # Whatever the driver raises (a PostgresError, an OSError or TimeoutError, and also
+            # its InternalClientError when a connection that died mid-COPY is used again) fails
+            # this group and never the committer. The connection is in an unknown state: the
+            # next group opens a new one.
             await self._discard()
             raise AuditSinkError(type(exc).__name__) from exc
 
