@@ -1,13 +1,13 @@
 """Whether the database answers, as this process sees it: one shared flag, set by what calls meet
 and kept true by a probe.
 
-Once any call meets an outage (broker.db.outages), the flag goes down: calls that need the
-database are then refused at once (UNAVAILABLE, DATABASE_UNAVAILABLE) instead of each waiting out
-its own timeout behind the others, and the process is not ready (broker.core.readiness: the
-health service turns NOT_SERVING). A probe
-(`SELECT 1`, bounded by the database timeout) runs every `down_interval` while it is down and sets
-it up again on its first answer, so calls work again within about a second of the database; while
-up, the probe runs every `up_interval`, so an idle process notices an outage too.
+Once any call meets an outage (broker.db.outages), the flag goes down: calls that need the database
+are then refused at once (UNAVAILABLE, DATABASE_UNAVAILABLE) instead of each waiting out its own
+timeout behind the others, and the process is not ready (broker.core.readiness: the health service
+turns NOT_SERVING). A probe (`SELECT 1`, bounded by the database timeout) runs every `down_interval`
+while it is down and sets it up again on its first answer, so calls work again within about a second
+of the database; while up, the probe runs every `up_interval`, so an idle process notices an outage
+too.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ CONDITION = "database"
 
 
 class DatabaseAvailability:
-    """The flag, its probe (`run`, a background task) and its listeners."""
+    """The flag and its probe (`run`, a background task)."""
 
     def __init__(
         self,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import sqlite3
+from collections.abc import Iterator
 
 import asyncpg
 from sqlalchemy import exc as sa
@@ -53,25 +54,26 @@ class DatabaseUnavailable(Unavailable):
 def is_lock_timeout(exc: BaseException) -> bool:
     """Whether `exc` is SQLite's busy timeout running out: contention on its one write lock,
     answered UNAVAILABLE like an outage but not a sign that the database is down."""
-    current: BaseException | None = exc
-    while current is not None:
-        if isinstance(current, sqlite3.OperationalError) and "locked" in str(current).lower():
-            return True
-        orig = current.orig if isinstance(current, sa.DBAPIError) else None
-        current = orig if isinstance(orig, BaseException) else current.__cause__
-    return False
+    return any(
+        isinstance(e, sqlite3.OperationalError) and "locked" in str(e).lower() for e in _chain(exc)
+    )
 
 
 def is_outage(exc: BaseException) -> bool:
     """Whether `exc` (or what it wraps) means the database is unreachable or unusable now."""
+    return any(_is_outage_itself(e) for e in _chain(exc))
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """`exc` and what it wraps: SQLAlchemy's `orig`, and the `__cause__` that SQLAlchemy and the
+    drivers raise `from`."""
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
-        if _is_outage_itself(current):
-            return True
-        current = current.__cause__  # what SQLAlchemy and the drivers raise `from`
-    return False
+        yield current
+        orig = current.orig if isinstance(current, sa.DBAPIError) else None
+        current = orig if isinstance(orig, BaseException) else current.__cause__
 
 
 def _is_outage_itself(exc: BaseException) -> bool:
@@ -81,8 +83,6 @@ def _is_outage_itself(exc: BaseException) -> bool:
         return True
     if isinstance(exc, sa.TimeoutError):  # no pooled connection came free in time
         return True
-    if isinstance(exc, sa.DBAPIError):
-        return _is_outage_itself(exc.orig) if exc.orig is not None else False
     if isinstance(exc, _ASYNCPG_OUTAGES):
         return True
     if isinstance(exc, sqlite3.OperationalError):

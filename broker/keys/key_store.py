@@ -91,7 +91,7 @@ class KeyStore:
         master_keys: Mapping[str, MasterKey],
         cache: KeyCache[tuple[str, str, int], UsableKey],
         providers: ProviderRegistry,
-        checks: CustomerKeyChecks | None = None,
+        checks: CustomerKeyChecks,
     ) -> None:
         self._sessions = sessions
         self.checks = checks
@@ -180,7 +180,7 @@ class KeyStore:
 
     def _checked(self, customer: KeyReference | None, reason: str | None) -> None:
         """Records what a call under a customer-managed key saw (for GetStatus)."""
-        if customer is None or self.checks is None:
+        if customer is None:
             return
         if reason is None:
             self.checks.succeeded(customer.key_id)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections import defaultdict
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -44,23 +43,21 @@ async def probe_all(sessions: async_sessionmaker[AsyncSession], keys: KeyStore) 
     """Probes every customer key in use once; returns how many and how many failed."""
     async with sessions() as session:
         rows = (await session.scalars(select(CustomerKeyRow))).all()
-    by_key: dict[str, list[str]] = defaultdict(list)
-    references: dict[str, tuple[KeyReference, str]] = {}
+    # key id -> (the key, the resources under it)
+    by_key: dict[str, tuple[KeyReference, list[str]]] = {}
     for row in rows:
         reference = customer_reference(row)
-        by_key[reference.key_id].append(row.resource_id)
-        references.setdefault(reference.key_id, (reference, row.resource_id))
+        by_key.setdefault(reference.key_id, (reference, []))[1].append(row.resource_id)
     failed = 0
     gate = anyio.Semaphore(PROBES_AT_ONCE)
 
     async def probe(key_id: str) -> None:
         nonlocal failed
-        reference, resource_id = references[key_id]
+        reference, resources = by_key[key_id]
         async with gate:
-            reason = await _probe(keys, resource_id, reference)
-        before = keys.checks.get(key_id) if keys.checks is not None else None
-        if keys.checks is not None:
-            keys.checks.probed(key_id, reason)
+            reason = await _probe(keys, resources[0], reference)
+        before = keys.checks.get(key_id)
+        keys.checks.probed(key_id, reason)
         if reason is not None:
             failed += 1
             log.warning("customer key %s failed its probe: %s", key_id, reason)
@@ -70,7 +67,7 @@ async def probe_all(sessions: async_sessionmaker[AsyncSession], keys: KeyStore) 
             log.info("customer key %s works again", key_id)
         # Failed: cached keys go, so data-key calls meet the refusal now. Works again: the
         # failures remembered go too, so data-key calls resume now.
-        for rid in by_key[key_id]:
+        for rid in resources:
             keys.forget(rid)
 
     async with anyio.create_task_group() as tg:

@@ -15,9 +15,10 @@ from grpc_reflection.v1alpha import reflection
 from broker.core.limits import MAX_MESSAGE_BYTES
 from broker.core.readiness import Readiness
 from broker.core.settings import Settings
+from broker.db.availability import DatabaseAvailability
 from broker.rpc.authz import Record, authz_interceptors
 from broker.rpc.deadlines import DeadlineInterceptor
-from broker.rpc.interceptors import Availability, ErrorInterceptor
+from broker.rpc.interceptors import ErrorInterceptor
 
 
 def server_options(*, reuse_port: bool = False) -> list[tuple[str, Any]]:
@@ -31,7 +32,7 @@ def server_options(*, reuse_port: bool = False) -> list[tuple[str, Any]]:
 
 
 def new_grpc_server(
-    settings: Settings, record_refusal: Record, availability: Availability | None = None
+    settings: Settings, record_refusal: Record, availability: DatabaseAvailability | None = None
 ) -> grpc.aio.Server:
     """A gRPC server as every keybroker process builds it: errors become statuses (and, with
     `availability`, calls are refused at once while the database is down), calls are bounded in

@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Protocol
+from typing import Any
 
 import grpc
 from google.protobuf import any_pb2
@@ -19,6 +19,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from broker.core.errors import ERROR_DOMAIN, KeybrokerError
+from broker.db.availability import DatabaseAvailability
 from broker.db.outages import DatabaseUnavailable, is_outage
 
 log = logging.getLogger(__name__)
@@ -119,16 +120,6 @@ def rebuild(
     return grpc.stream_stream_rpc_method_handler(around(inner, True), **serializers)
 
 
-class Availability(Protocol):
-    """What the server knows of its database (broker.db.availability.DatabaseAvailability)."""
-
-    def check(self) -> None:
-        """Raises (DatabaseUnavailable) while the database is known to be down."""
-
-    def report(self, exc: BaseException) -> None:
-        """Learns from a failure a call met (an outage takes the database down)."""
-
-
 GATED_PREFIX = "/keybroker."
 """keybroker's own RPCs need the database (each is audited); health and reflection do not."""
 UNGATED = frozenset({"/keybroker.v1.KeyBroker/GetStatus"})
@@ -140,7 +131,7 @@ class ErrorInterceptor(WrappingInterceptor):
     a call that needs the database is refused at once while the database is known to be down,
     and every failure is reported to it."""
 
-    def __init__(self, availability: Availability | None = None) -> None:
+    def __init__(self, availability: DatabaseAvailability | None = None) -> None:
         super().__init__()
         self._availability = availability
 
@@ -161,7 +152,9 @@ class ErrorInterceptor(WrappingInterceptor):
 Report = Callable[[BaseException], None] | None
 
 
-def _translating_call(inner: Any, method: str, gate: Availability | None, report: Report) -> Any:
+def _translating_call(
+    inner: Any, method: str, gate: DatabaseAvailability | None, report: Report
+) -> Any:
     async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         try:
             if gate is not None:
@@ -177,7 +170,9 @@ def _translating_call(inner: Any, method: str, gate: Availability | None, report
     return call
 
 
-def _translating_stream(inner: Any, method: str, gate: Availability | None, report: Report) -> Any:
+def _translating_stream(
+    inner: Any, method: str, gate: DatabaseAvailability | None, report: Report
+) -> Any:
     async def stream(
         request: Any, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[Any]:

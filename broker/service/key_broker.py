@@ -132,7 +132,7 @@ class KeyBrokerService(pb_grpc.KeyBrokerServicer):
         data: DataKeys,
         audit: AuditLog,
         status: Callable[[], pb.GetStatusResponse],
-        checks: CustomerKeyChecks | None = None,
+        checks: CustomerKeyChecks,
         now: Clock = utc_now,
     ) -> None:
         self.lifecycle = lifecycle
@@ -442,7 +442,7 @@ class KeyBrokerService(pb_grpc.KeyBrokerServicer):
         customer = next(
             (e.root_key_id for e in encryption if e.key_source == pb.CUSTOMER_MANAGED), None
         )
-        check = self.checks.get(customer) if customer and self.checks else None
+        check = self.checks.get(customer) if customer else None
         if check is not None:
             response.customer_key_probe.CopyFrom(
                 pb.CustomerKeyProbe(
